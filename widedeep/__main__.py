@@ -1,0 +1,5 @@
+import sys
+
+from widedeep.cli import main
+
+sys.exit(main())

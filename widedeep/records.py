@@ -1,0 +1,71 @@
+"""Run folders: resolved config, report, per-epoch history and probe rows, marked complete last.
+
+A run folder is written into a temporary sibling and renamed into place only once every
+file is on disk, then ``COMPLETE`` is the last file written: an interrupted run never
+leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from widedeep.errors import UserError
+
+COMPLETE = "COMPLETE"
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run_folder(out: str | os.PathLike, *, config: dict, summary: dict,
+                     history: list[dict], probes: list[dict], environment: dict) -> Path:
+    """Write a complete run folder at ``out``; refuse to overwrite an existing one."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {str(out)!r} already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "report.json", summary)
+        write_json(tmp / "environment.json", environment)
+        write_json(tmp / "history.json", history)
+        write_json(tmp / "probes.json", probes)
+        (tmp / COMPLETE).write_text("ok\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / COMPLETE).exists()
+
+
+def read_run_folder(folder: str | os.PathLike) -> dict:
+    """The records of a complete run folder, as {"config", "report", ...}."""
+    folder = Path(folder)
+    if not is_complete(folder):
+        raise UserError(f"run folder {str(folder)!r} is incomplete (no {COMPLETE} marker)")
+    names = ("config", "report", "environment", "history", "probes")
+    return {n: json.loads((folder / f"{n}.json").read_text()) for n in names}

@@ -1,0 +1,194 @@
+"""One training run: load data, split, train each fold, evaluate, summarise.
+
+``run_experiment(config)`` returns a :class:`RunResult` whose ``summary`` is the flat JSON
+object ``widedeep train --json`` prints; ``history`` and ``probes`` are flat per-epoch and
+per-layer rows. With a cross-validation split the summary's test metrics are means over
+folds (``*_std`` beside them) and the confusion matrix sums the folds' test rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from widedeep import data, metrics
+from widedeep.config import TrainConfig
+from widedeep.data import Dataset
+from widedeep.env import environment
+from widedeep.errors import UserError
+from widedeep.model import build_model
+from widedeep.probes import ProbeCallback, grad_ratio
+from widedeep.train import FitResult, Split, criterion_for, fit, predict_logits
+
+PLATEAU_MARGIN = 0.01  # "left the plateau" = training loss below base-rate loss minus this
+VAL_FRACTION = 0.15  # share of the training rows held out for early stopping
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    history: list[dict]  # {"fold", "epoch", "train_loss", "val_loss"}
+    probes: list[dict]  # {"fold", "epoch", "layer", "name", "grad_norm", "act_*", ...}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA where there is none is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA device is available "
+                        f"(torch {torch.__version__}); use --device cpu")
+    return torch.device(name)
+
+
+def load_for(config: TrainConfig) -> Dataset:
+    if config.csv is not None:
+        return data.load_dataset(csv=config.csv, target=config.target)
+    return data.load_dataset(config.dataset)
+
+
+def epochs_to_leave_plateau(train_loss: list[float], base_rate: float) -> int | None:
+    """First epoch (1-based) whose training loss is below ``base_rate - PLATEAU_MARGIN``."""
+    for epoch, loss in enumerate(train_loss, start=1):
+        if loss < base_rate - PLATEAU_MARGIN:
+            return epoch
+    return None
+
+
+def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
+                   progress: bool = False) -> RunResult:
+    """Train and evaluate ``config`` on every fold of its split."""
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    ds = dataset if dataset is not None else load_for(config)
+    folds = data.make_folds(ds.y, config.split, test_size=config.test_size, seed=config.seed)
+    per_fold, history, probes = [], [], []
+    for k, fold in enumerate(folds):
+        fold_summary, fit_result, probe_rows = _run_fold(config, ds, fold, device, progress)
+        per_fold.append(fold_summary)
+        history += [
+            {"fold": k, "epoch": e, "train_loss": loss,
+             "val_loss": fit_result.val_loss[e - 1] if fit_result.val_loss else None}
+            for e, loss in enumerate(fit_result.train_loss, start=1)
+        ]
+        probes += [{"fold": k} | row for row in probe_rows]
+    summary = _summarise(config, ds, folds, per_fold, device)
+    summary["seconds"] = time.perf_counter() - start
+    return RunResult(summary=_finite(summary), history=_finite(history), probes=_finite(probes))
+
+
+def _tensors(ds: Dataset, idx: np.ndarray, device, X: np.ndarray) -> Split:
+    return Split(X=torch.as_tensor(X[idx], device=device),
+                 y=torch.as_tensor(ds.y[idx], device=device))
+
+
+def _run_fold(config, ds: Dataset, fold: data.Fold, device, progress):
+    X = ds.X
+    if config.standardize:
+        X_train, X_test = data.standardize(ds.X[fold.train], ds.X[fold.test])
+        X = np.empty_like(ds.X)
+        X[fold.train], X[fold.test] = X_train, X_test  # split none: train == test rows
+    train_idx, val = fold.train, None
+    if config.patience:
+        inner = data.make_folds(ds.y[fold.train], "holdout", test_size=VAL_FRACTION,
+                                seed=config.seed)[0]
+        train_idx = fold.train[inner.train]
+        val = _tensors(ds, fold.train[inner.test], device, X)
+    train = _tensors(ds, train_idx, device, X)
+    torch.manual_seed(config.seed)
+    model = build_model(config, ds.n_features, ds.n_classes).to(device)
+    criterion = criterion_for(ds.n_classes)
+    prober = ProbeCallback(train.X, train.y, criterion, config.activation, config.probe_epochs)
+    result = fit(model, train, config, ds.n_classes, val=val, callbacks=(prober,),
+                 progress=progress)
+    test = _tensors(ds, fold.test, device, X)
+    report = metrics.classification_report(predict_logits(model, test.X), test.y,
+                                           ds.class_names)
+    base = metrics.base_rate_loss(train.y, ds.n_classes)
+    return _fold_summary(result, report, base, prober), result, prober.rows
+
+
+def _fold_summary(result: FitResult, report: dict, base: float, prober) -> dict:
+    init, final = prober.records[0]["grad_norms"], prober.records[-1]["grad_norms"]
+    return {
+        "final_train_loss": result.train_loss[-1],
+        "base_rate_loss": base,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "epochs_to_leave_plateau": epochs_to_leave_plateau(result.train_loss, base),
+        "diverged": result.diverged,
+        "diverged_reason": result.diverged_reason,
+        "grad_norms_init": init,
+        "grad_ratio_init": grad_ratio(init),
+        "grad_norms_final": final,
+        "grad_ratio_final": grad_ratio(final),
+        **{f"test_{k}": v for k, v in report.items()},
+    }
+
+
+_MEANED = ("test_loss", "test_accuracy", "test_auc", "final_train_loss")
+
+
+def _summarise(config: TrainConfig, ds: Dataset, folds, per_fold: list[dict], device) -> dict:
+    first = per_fold[0]
+    env = environment(device)
+    summary = {
+        "dataset": ds.name,
+        "split": config.split,
+        "n_train": int(len(folds[0].train)),
+        "n_test": int(len(folds[0].test)),
+        "n_folds": len(folds),
+        "evaluated_on": "training rows (split none, as the lecture does)"
+        if config.split == "none" else "held-out rows",
+        "n_features": ds.n_features,
+        "class_names": list(ds.class_names),
+        **{k: v for k, v in config.to_dict().items() if k not in ("dataset", "split")},
+        "depth": len(config.widths),
+        "device": str(device),
+        "device_name": env["cuda_device"] if device.type == "cuda" else env["cpu_model"],
+        "torch_version": env["torch_version"],
+        "threads": env["threads"],
+        "engine": "plain",
+    }
+    for key in _MEANED:
+        values = [f[key] for f in per_fold if f[key] is not None]
+        summary[key] = float(np.mean(values)) if values else None
+        summary[f"{key}_std"] = float(np.std(values)) if len(values) > 1 else None
+    cm = np.sum([f["test_confusion_matrix"] for f in per_fold], axis=0)
+    summary["confusion_matrix"] = cm.tolist()
+    summary["confusion_matrix_normalized"] = _row_normalise(cm)
+    for key in ("precision", "recall", "f1", "support"):
+        summary[key] = first[f"test_{key}"] if len(per_fold) == 1 else _pooled(cm, key)
+    for key in ("base_rate_loss", "grad_norms_init", "grad_ratio_init", "grad_norms_final",
+                "grad_ratio_final", "epochs_to_leave_plateau", "epochs_run", "best_epoch"):
+        summary[key] = first[key]
+    summary["diverged"] = any(f["diverged"] for f in per_fold)
+    summary["diverged_reason"] = next((f["diverged_reason"] for f in per_fold
+                                       if f["diverged"]), None)
+    if len(per_fold) > 1:
+        summary["folds"] = [{k: f[k] for k in (*_MEANED, "epochs_run", "diverged")}
+                            for f in per_fold]
+    return summary
+
+
+def _row_normalise(cm: np.ndarray) -> list[list[float]]:
+    return metrics.normalize_rows(torch.as_tensor(cm)).tolist()
+
+
+def _pooled(cm: np.ndarray, key: str) -> list[float]:
+    return metrics.precision_recall_f1(torch.as_tensor(cm))[key]
+
+
+def _finite(obj):
+    """Replace NaN and infinities (a diverged run) by None so records stay valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,134 @@
+"""The plain training loop. It emits events; callbacks (probes, progress) do the measuring.
+
+Epochs are numbered from 1; event ``on_train_begin`` is "epoch 0", before any update. The
+training loss of an epoch is the mean loss over that epoch's batches, each computed before
+its update (for full-batch training: the loss the lecture prints).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from widedeep.config import TrainConfig
+
+
+@dataclass
+class Split:
+    """Tensors already on the training device."""
+
+    X: torch.Tensor  # (n, d) float32
+    y: torch.Tensor  # (n,) int64
+
+
+@dataclass
+class FitResult:
+    train_loss: list[float] = field(default_factory=list)  # per epoch, epoch 1 first
+    val_loss: list[float] = field(default_factory=list)  # per epoch, when validating
+    best_epoch: int | None = None
+    diverged: bool = False
+    diverged_reason: str | None = None
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.train_loss)
+
+
+class Callback:
+    """Hooks into the loop; override what you need."""
+
+    def on_train_begin(self, model: nn.Module) -> None: ...
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, result: FitResult) -> None: ...
+
+    def on_train_end(self, model: nn.Module, result: FitResult) -> None: ...
+
+
+def criterion_for(n_classes: int):
+    """Mean BCE-with-logits on one logit for two classes, cross-entropy otherwise."""
+    if n_classes == 2:
+        return lambda logits, y: F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+    return F.cross_entropy
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def fit(model: nn.Module, train: Split, config: TrainConfig, n_classes: int, *,
+        val: Split | None = None, callbacks: tuple[Callback, ...] = (),
+        progress: bool = False) -> FitResult:
+    """Train ``model`` in place; with ``val`` and ``config.patience``, stop early and keep
+    the weights of the epoch with the lowest validation loss."""
+    criterion = criterion_for(n_classes)
+    optimizer = make_optimizer(config, model.parameters())
+    order = torch.Generator().manual_seed(config.seed)  # mini-batch order, CPU stream
+    result, best_state, best_val = FitResult(), None, math.inf
+    for cb in callbacks:
+        cb.on_train_begin(model)
+    bar = tqdm(range(1, config.epochs + 1), disable=not progress, file=sys.stderr, delay=1.0,
+               leave=False, unit="epoch", desc="train")
+    for epoch in bar:
+        model.train()
+        loss = _epoch(model, train, config.batch_size, criterion, optimizer, order)
+        result.train_loss.append(loss)
+        if not math.isfinite(loss):
+            result.diverged, result.diverged_reason = True, f"training loss {loss} at epoch {epoch}"
+            break
+        if val is not None:
+            result.val_loss.append(evaluate_loss(model, val, criterion))
+            if result.val_loss[-1] < best_val:
+                best_val, result.best_epoch = result.val_loss[-1], epoch
+                best_state = copy.deepcopy(model.state_dict())
+        for cb in callbacks:
+            cb.on_epoch_end(model, epoch, result)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if config.patience and result.best_epoch and epoch - result.best_epoch >= config.patience:
+            break
+    bar.close()
+    if best_state is not None and config.patience:
+        model.load_state_dict(best_state)
+    for cb in callbacks:
+        cb.on_train_end(model, result)
+    return result
+
+
+def _epoch(model, train: Split, batch_size, criterion, optimizer, order) -> float:
+    n = train.X.shape[0]
+    if batch_size is None or batch_size >= n:
+        batches = [None]
+    else:
+        perm = torch.randperm(n, generator=order).to(train.X.device)
+        batches = perm.split(batch_size)
+    total = torch.zeros((), device=train.X.device)
+    for idx in batches:
+        X, y = (train.X, train.y) if idx is None else (train.X[idx], train.y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(X), y)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * X.shape[0]
+    return float(total / n)  # one host sync per epoch
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data: Split, criterion) -> float:
+    model.eval()
+    return float(criterion(model(data.X), data.y))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(X)
