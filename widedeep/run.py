@@ -81,6 +81,11 @@ def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
     return RunResult(summary=_finite(summary), history=_finite(history), probes=_finite(probes))
 
 
+def run_many(configs: list[TrainConfig], *, progress: bool = False) -> list[RunResult]:
+    """Run several configs (e.g. one grid point's seeds), in order; sweeps go through here."""
+    return [run_experiment(c, progress=progress) for c in configs]
+
+
 def _tensors(ds: Dataset, idx: np.ndarray, device, X: np.ndarray) -> Split:
     return Split(X=torch.as_tensor(X[idx], device=device),
                  y=torch.as_tensor(ds.y[idx], device=device))

@@ -114,12 +114,18 @@ def _epoch(model, train: Split, batch_size, criterion, optimizer, order) -> floa
     total = torch.zeros((), device=train.X.device)
     for idx in batches:
         X, y = (train.X, train.y) if idx is None else (train.X[idx], train.y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(X), y)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach() * X.shape[0]
+        total += train_step(model, X, y, criterion, optimizer) * X.shape[0]
     return float(total / n)  # one host sync per epoch
+
+
+def train_step(model: nn.Module, X: torch.Tensor, y: torch.Tensor, criterion,
+               optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """One optimiser step on (X, y); returns the loss before the update, still on the device."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = criterion(model(X), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 @torch.no_grad()
