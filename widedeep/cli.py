@@ -57,13 +57,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="seed for splits, init and batch order (default 0)")
     g.add_argument("--device", help="auto (default) | cpu | cuda")
     g.add_argument("--engine", help="auto (default) | plain | batched")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads (default: 1 for small nets, torch's default for large)")
     g.add_argument("--probe-epochs", help="also probe gradients/activations at these epochs")
 
 
 TRAIN_OPTION_DESTS = (
     "preset dataset csv target split test_size standardize arch cross depth width widths "
     "activation init norm residual dropout optimizer lr momentum weight_decay epochs "
-    "batch_size patience seed device engine probe_epochs"
+    "batch_size patience seed device engine threads probe_epochs"
 ).split()
 
 

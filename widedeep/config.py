@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     engine: str = "auto"
+    threads: int | None = None  # CPU threads; None = auto (see widedeep.run.resolve_threads)
     # probes
     probe_epochs: tuple[int, ...] = field(default_factory=tuple)
 
@@ -177,6 +178,7 @@ def validate(c: TrainConfig) -> None:
         ("batch_size", c.batch_size is None or c.batch_size >= 1),
         ("patience", c.patience is None or c.patience >= 1),
         ("seed", c.seed >= 0),
+        ("threads", c.threads is None or c.threads >= 1),
     ]
     for name, ok in checks:
         if not ok:

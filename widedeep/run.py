@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,10 @@ from widedeep.model import build_model
 from widedeep.probes import ProbeCallback, grad_ratio
 from widedeep.train import FitResult, Split, criterion_for, fit, predict_logits
 
+# NOTE: on small nets, intra-op threads cost far more than they save (measured on a 2-core
+# machine: the lecture net's step took ~10x longer with 2 threads than with 1), so nets under
+# this many FLOPs per step train on one thread unless --threads says otherwise.
+SMALL_STEP_FLOPS = 2e9
 PLATEAU_MARGIN = 0.01  # "left the plateau" = training loss below base-rate loss minus this
 VAL_FRACTION = 0.15  # share of the training rows held out for early stopping
 
@@ -43,6 +48,33 @@ def resolve_device(name: str) -> torch.device:
         raise UserError("device 'cuda' requested but no CUDA device is available "
                         f"(torch {torch.__version__}); use --device cpu")
     return torch.device(name)
+
+
+def step_flops(config: TrainConfig, n_features: int, n_out: int, n_rows: int) -> float:
+    """Approximate FLOPs of one full-batch step: forward 2*n*sum(in*out), backward twice that."""
+    sizes = (n_features, *config.widths, n_out)
+    macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    return 6.0 * n_rows * macs
+
+
+def resolve_threads(config: TrainConfig, ds: Dataset) -> int:
+    """config.threads, or 1 for small nets and torch's current setting for large ones."""
+    if config.threads is not None:
+        return config.threads
+    rows = config.batch_size or ds.n_rows
+    small = step_flops(config, ds.n_features, ds.n_classes, rows) < SMALL_STEP_FLOPS
+    return 1 if small else torch.get_num_threads()
+
+
+@contextmanager
+def num_threads(n: int):
+    """Set torch's intra-op threads for the block, then restore them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_for(config: TrainConfig) -> Dataset:
@@ -67,16 +99,17 @@ def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
     ds = dataset if dataset is not None else load_for(config)
     folds = data.make_folds(ds.y, config.split, test_size=config.test_size, seed=config.seed)
     per_fold, history, probes = [], [], []
-    for k, fold in enumerate(folds):
-        fold_summary, fit_result, probe_rows = _run_fold(config, ds, fold, device, progress)
-        per_fold.append(fold_summary)
-        history += [
-            {"fold": k, "epoch": e, "train_loss": loss,
-             "val_loss": fit_result.val_loss[e - 1] if fit_result.val_loss else None}
-            for e, loss in enumerate(fit_result.train_loss, start=1)
-        ]
-        probes += [{"fold": k} | row for row in probe_rows]
-    summary = _summarise(config, ds, folds, per_fold, device)
+    with num_threads(resolve_threads(config, ds)):
+        for k, fold in enumerate(folds):
+            fold_summary, fit_result, probe_rows = _run_fold(config, ds, fold, device, progress)
+            per_fold.append(fold_summary)
+            history += [
+                {"fold": k, "epoch": e, "train_loss": loss,
+                 "val_loss": fit_result.val_loss[e - 1] if fit_result.val_loss else None}
+                for e, loss in enumerate(fit_result.train_loss, start=1)
+            ]
+            probes += [{"fold": k} | row for row in probe_rows]
+        summary = _summarise(config, ds, folds, per_fold, device)
     summary["seconds"] = time.perf_counter() - start
     return RunResult(summary=_finite(summary), history=_finite(history), probes=_finite(probes))
 
@@ -114,6 +147,8 @@ def _run_fold(config, ds: Dataset, fold: data.Fold, device, progress):
     report = metrics.classification_report(predict_logits(model, test.X), test.y,
                                            ds.class_names)
     base = metrics.base_rate_loss(train.y, ds.n_classes)
+    if result.diverged:  # a NaN model's predictions mean nothing: no test scores
+        report |= {"loss": None, "accuracy": None, "auc": None}
     return _fold_summary(result, report, base, prober), result, prober.rows
 
 
