@@ -1,0 +1,139 @@
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from widedeep.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_json_prints_one_object_with_the_contract_keys(capsys, diabetes_dir):
+    code, out, err = run_cli(capsys, "train", "--preset", "lecture", "--epochs", "5", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["widths"] == [6, 4] and summary["epochs"] == 5
+    assert summary["dataset"] == "diabetes" and summary["test_auc"] is not None
+
+
+def test_train_prints_a_readable_summary(capsys):
+    code, out, _ = run_cli(capsys, "train", "--dataset", "iris", "--epochs", "3")
+    assert code == 0
+    assert "confusion matrix" in out and "setosa" in out
+
+
+def test_out_writes_a_complete_run_folder(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, *_ = run_cli(capsys, "train", "--dataset", "iris", "--epochs", "3", "--out", str(out))
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == {
+        "config.json", "report.json", "environment.json", "history.json", "probes.json",
+        "COMPLETE"}
+    assert json.loads((out / "config.json").read_text())["dataset"] == "iris"
+    code, _, err = run_cli(capsys, "train", "--dataset", "iris", "--epochs", "3",
+                           "--out", str(out))
+    assert code == 2 and "already exists" in err
+
+
+def test_listing_commands(capsys):
+    code, out, _ = run_cli(capsys, "activations")
+    assert code == 0 and "softmax" in out and "threshold" in out
+    code, out, _ = run_cli(capsys, "datasets")
+    assert code == 0 and "breast_cancer" in out
+
+
+def _csv(tmp_path, text, name="data.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = [
+    (["--activation", "swish9"], "unknown activation 'swish9'"),
+    (["--depth", "-2"], "depth must be >= 1, got depth=-2"),
+    (["--depth", "two"], "invalid int value: 'two'"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--dataset", "mnist"], "mnist"),
+    (["--split", "cv:1"], "cv:1"),
+    (["--batch-size", "big"], "'big'"),
+    (["--lr", "0"], "lr out of range"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_error_line(capsys, argv, words):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run_cli(capsys, "train", "--dataset", "iris", "--epochs", "1", *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
+
+
+CSV_CASES = [
+    ("missing", None, "does not exist"),
+    ("empty", "", "empty"),
+    ("ragged", "a,b,y\n1,2,x\n3,y\n", "row 3"),
+    ("text", "a,b,y\n1,2,x\n3,oops,y\n", "'oops'"),
+    ("nan", "a,b,y\n1,2,x\n3,nan,y\n", "NaN"),
+    ("inf", "a,b,y\n1,2,x\n3,inf,y\n", "infinite"),
+    ("one class", "a,b,y\n1,2,x\n3,4,x\n", "two classes"),
+    ("no target", "a,b,c\n1,2,x\n3,4,y\n", "'y'"),
+]
+
+
+@pytest.mark.parametrize("case,text,words", CSV_CASES, ids=[c[0] for c in CSV_CASES])
+def test_bad_csv_exits_2_naming_the_problem(capsys, tmp_path, case, text, words):
+    path = str(tmp_path / "absent.csv") if text is None else _csv(tmp_path, text)
+    code, _, err = run_cli(capsys, "train", "--csv", path, "--target", "y", "--epochs", "1")
+    assert code == 2, err
+    assert err.startswith("error: ") and words.lower() in err.lower() and err.count("\n") == 1
+
+
+def test_corrupt_gzip_csv(capsys, tmp_path):
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    code, _, err = run_cli(capsys, "train", "--csv", str(path), "--target", "y")
+    assert code == 2 and err.startswith("error: ")
+
+
+def test_csv_with_string_target_trains(capsys, tmp_path):
+    rows = "".join(f"{i % 7},{(i * 3) % 5},{'yes' if i % 2 else 'no'}\n" for i in range(40))
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(gzip.compress(("a,b,y\n" + rows).encode()))
+    code, out, _ = run_cli(capsys, "train", "--csv", str(path), "--target", "y", "--epochs",
+                           "2", "--json")
+    assert code == 0 and json.loads(out)["class_names"] == ["no", "yes"]
+
+
+def test_checksum_mismatch_is_refused(capsys, tmp_path, monkeypatch, diabetes_dir):
+    bad = tmp_path / "diabetes.csv.gz"
+    shutil.copy(diabetes_dir / "diabetes.csv.gz", bad)
+    bad.chmod(0o644)
+    with bad.open("ab") as f:
+        f.write(b"\0")
+    monkeypatch.setenv("WIDEDEEP_DATA", str(tmp_path))
+    code, _, err = run_cli(capsys, "train", "--preset", "lecture", "--epochs", "1")
+    assert code == 2 and "checksum mismatch" in err
+
+
+def test_offline_without_the_file_says_where_to_put_it(capsys, monkeypatch):
+    monkeypatch.delenv("WIDEDEEP_DATA", raising=False)
+    code, _, err = run_cli(capsys, "train", "--preset", "lecture", "--epochs", "1")
+    assert code == 2 and "WIDEDEEP_DATA" in err and "Traceback" not in err
+
+
+def test_console_entry_point_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "widedeep", "train", "--depth", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: depth must be >= 1, got depth=-1\n"
