@@ -160,3 +160,9 @@ def test_run_folder_is_complete_only_when_fully_written(tmp_path, monkeypatch):
                          history=res.history, probes=res.probes, environment={})
     assert not (tmp_path / "run2").exists()
     assert not list(tmp_path.glob(".run2*"))
+
+
+def test_wide_and_deep_trains_end_to_end():
+    s = run_experiment(make_config(dataset="breast_cancer", arch="widedeep", cross=True,
+                                   optimizer="adam", lr=0.01, epochs=30)).summary
+    assert s["arch"] == "widedeep" and s["test_accuracy"] > 0.9
