@@ -115,8 +115,15 @@ def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
 
 
 def run_many(configs: list[TrainConfig], *, progress: bool = False) -> list[RunResult]:
-    """Run several configs (e.g. one grid point's seeds), in order; sweeps go through here."""
-    return [run_experiment(c, progress=progress) for c in configs]
+    """Run several configs (e.g. one grid point's seeds), in order; sweeps go through here.
+
+    Configs that can train together do so on the batched engine (``widedeep.batched_run``);
+    each summary says which engine ran it (``engine``) and, for the plain loop, why
+    (``engine_reason``).
+    """
+    from widedeep import batched_run  # NOTE: imported here, as batched_run imports this module
+
+    return batched_run.run_many(configs, progress=progress)
 
 
 def _tensors(ds: Dataset, idx: np.ndarray, device, X: np.ndarray) -> Split:

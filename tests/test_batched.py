@@ -1,0 +1,185 @@
+"""The batched engine against its reference, the plain loop: same initial weights and data
+order -> same per-epoch losses, final weights, stopping decisions and probes (float32
+tolerance); run_many's batched summaries equal its plain ones."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from widedeep import batched_run, data
+from widedeep.batched_fit import fit_batched
+from widedeep.config import make_config
+from widedeep.errors import UserError
+from widedeep.model import build_model
+from widedeep.probes import ProbeCallback
+from widedeep.run import num_threads, run_many
+from widedeep.train import Split, criterion_for, fit
+
+LOSS_TOL = dict(rtol=1e-4, atol=1e-5)  # Adam's rounding differences grow over epochs
+WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small nets: intra-op threads only add overhead (and contend on a shared machine)."""
+    with num_threads(1):
+        yield
+
+
+def _split(name: str, rows: int | None = None, offset: int = 0) -> tuple[Split, int]:
+    ds = data.load_dataset(name)
+    X, _ = data.standardize(ds.X, ds.X)
+    idx = np.random.default_rng(offset).permutation(ds.n_rows)[:rows]
+    return Split(torch.as_tensor(X[idx]), torch.as_tensor(ds.y[idx])), ds.n_classes
+
+
+def _plain(models, trains, configs, n_classes, vals=None):
+    """Each model trained on its own by widedeep.train.fit, with a ProbeCallback."""
+    out = []
+    for k, (model, train, c) in enumerate(zip(models, trains, configs, strict=True)):
+        prober = ProbeCallback(train.X, train.y, criterion_for(n_classes), c.activation,
+                               c.probe_epochs)
+        result = fit(model, train, c, n_classes, val=vals[k] if vals else None,
+                     callbacks=(prober,))
+        out.append((result, prober))
+    return out
+
+
+def _compare(configs, trains, n_classes, vals=None):
+    """Train copies of the same models both ways; assert they agree; return the results."""
+    models = []
+    for c in configs:
+        torch.manual_seed(c.seed)
+        models.append(build_model(c, trains[0].X.shape[1], n_classes))
+    plain_models = [copy.deepcopy(m) for m in models]
+    expected = _plain(plain_models, trains, configs, n_classes, vals)
+    results, probes = fit_batched(models, trains, configs, vals=vals)
+    for (want, prober), got, rec, pm, bm in zip(expected, results, probes, plain_models, models,
+                                                strict=True):
+        assert len(got.train_loss) == len(want.train_loss)
+        np.testing.assert_allclose(got.train_loss, want.train_loss, **LOSS_TOL)
+        np.testing.assert_allclose(got.val_loss, want.val_loss, **LOSS_TOL)
+        assert (got.best_epoch, got.diverged) == (want.best_epoch, want.diverged)
+        for p, q in zip(bm.parameters(), pm.parameters(), strict=True):
+            torch.testing.assert_close(p, q, equal_nan=True, **WEIGHT_TOL)
+        assert sorted(rec.records) == sorted(prober.records)
+        for epoch, record in prober.records.items():
+            for row, ref in zip(rec.records[epoch]["rows"], record["rows"], strict=True):
+                assert row.keys() == ref.keys() and row["name"] == ref["name"]
+                for key in ("grad_norm", "act_mean", "act_std", "saturated", "dead"):
+                    want = None if ref[key] is None else pytest.approx(ref[key], rel=1e-4, abs=1e-6,
+                                                                     nan_ok=True)
+                    assert row[key] == want, key
+    return results
+
+
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full", "minibatch"])
+@pytest.mark.parametrize("dataset", ["breast_cancer", "wine"])
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh", "selu", "softmax"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fit_matches_plain_loop(optimizer, activation, dataset, batch_size):
+    train, n_classes = _split(dataset, rows=120)
+    lr = 0.1 if optimizer == "sgd" else 0.01
+    configs = [make_config(optimizer=optimizer, activation=activation, lr=lr, epochs=12,
+                           batch_size=batch_size, widths=(7, 5), seed=s, probe_epochs=(3,),
+                           init="lecun" if activation == "selu" else "default")
+               for s in range(3)]
+    _compare(configs, [train] * 3, n_classes)
+
+
+def test_per_model_hyperparameters_data_and_layer_norm():
+    """lr, momentum, weight decay and init per model; each model its own rows."""
+    trains = [_split("wine", rows=100, offset=k)[0] for k in range(4)]
+    configs = [make_config(lr=lr, momentum=m, weight_decay=wd, init=init, norm="layer",
+                           residual=True, widths=(6, 6), activation="tanh", epochs=15,
+                           batch_size=32, seed=k)
+               for k, (lr, m, wd, init) in enumerate([(0.1, 0.0, 0.0, "default"),
+                                                      (0.05, 0.9, 0.01, "xavier"),
+                                                      (0.2, 0.5, 0.0, "kaiming"),
+                                                      (0.01, 0.0, 0.1, "default")])]
+    _compare(configs, trains, 3)
+
+
+def test_adamw_per_model_weight_decay():
+    train, n_classes = _split("breast_cancer", rows=150)
+    configs = [make_config(optimizer="adamw", lr=0.01, weight_decay=wd, activation="gelu",
+                           epochs=15, seed=s) for s, wd in enumerate([0.0, 0.01, 0.3])]
+    _compare(configs, [train] * 3, n_classes)
+
+
+def test_early_stopping_and_divergence_per_model():
+    """Each model stops (patience, or a non-finite loss) where the plain loop would."""
+    train, n_classes = _split("wine", rows=120)
+    val, _ = _split("wine", rows=40, offset=1)
+    configs = [make_config(optimizer="sgd", lr=lr, activation="relu", widths=(16, 16),
+                           epochs=60, patience=3, seed=s, probe_epochs=(2, 30))
+               for s, lr in enumerate([0.5, 1e6, 0.05])]
+    results = _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
+    assert results[1].diverged and results[1].epochs_run < 60
+    assert not results[0].diverged and results[0].epochs_run < 60  # stopped by patience
+
+
+@pytest.fixture(scope="module")
+def summaries():
+    """run_many on both engines: wine, 3 seeds, 3-fold cv (folds of 60/59/59 rows)."""
+    options = dict(dataset="wine", split="cv:3", activation="tanh", optimizer="adam",
+                   lr=0.01, epochs=20, patience=4, probe_epochs=(5,))
+    return {engine: run_many([make_config(seed=s, engine=engine, **options)
+                              for s in range(3)]) for engine in ("plain", "batched")}
+
+
+def test_run_many_batched_equals_plain(summaries):
+    for plain, fast in zip(summaries["plain"], summaries["batched"], strict=True):
+        a, b = plain.summary, fast.summary
+        assert (a["engine"], a["engine_reason"]) == ("plain", "engine plain requested")
+        assert (b["engine"], b["engine_reason"]) == ("batched", None)
+        assert a.keys() == b.keys()
+        assert a["confusion_matrix"] == b["confusion_matrix"]
+        for key in a.keys() - {"seconds", "engine", "engine_reason"}:
+            _assert_close(b[key], a[key], key)
+        _assert_close(fast.history, plain.history, "history")
+        _assert_close(fast.probes, plain.probes, "probes")
+
+
+def _assert_close(got, want, where: str) -> None:
+    """Floats within float32 tolerance, everything else (ints, names, None) exactly."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            _assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
+    else:
+        assert got == want, where
+
+
+def test_plan_says_why_a_config_runs_on_the_plain_loop():
+    base = dict(dataset="iris", epochs=2)
+    configs = [make_config(seed=0, **base), make_config(seed=1, **base),
+               make_config(seed=2, engine="plain", **base),
+               make_config(seed=3, dropout=0.2, **base),
+               make_config(seed=4, activation="tanh", **base)]
+    reasons = batched_run.plan(configs)
+    assert reasons[:2] == [None, None]
+    assert reasons[2] == "engine plain requested"
+    assert "dropout" in reasons[3]
+    assert "no other config" in reasons[4]
+
+
+def test_forcing_batched_on_an_unsupported_config_names_why():
+    with pytest.raises(UserError, match="batch norm"):
+        run_many([make_config(dataset="iris", norm="batch", engine="batched")])
+
+
+def test_forced_batched_runs_a_single_config():
+    (result,) = run_many([make_config(dataset="iris", epochs=5, engine="batched")])
+    assert result.summary["engine"] == "batched"
+    assert len(result.history) == 5

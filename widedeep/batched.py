@@ -1,0 +1,222 @@
+"""Batched engine, part 1: K MLPs of one shape as stacked tensors, and their optimisers.
+
+Every model's parameters live in one row of a flat ``(K, P)`` tensor, in the order of
+``model.parameters()``; each layer's weight is a *view* of it, shaped ``(K, out, in)``. Hidden
+activations are kept feature-major, ``(K, width, n)``, so that the sample axis is the long,
+contiguous one: elementwise ops stream, and with data shared by all models the first layer
+is one plain matrix product ``(K * width, d) @ (d, n)``.
+
+Models never interact: the loss that is differentiated is the *sum* of the K per-model mean
+losses, so each model's gradient is exactly its own. Optimisers are elementwise, so one step
+on the flat tensor (with per-model lr, momentum and weight decay as ``(K, 1)`` columns) is K
+independent steps, written out here to follow ``torch.optim``'s update rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from widedeep.activations import get_activation, saturated
+from widedeep.config import TrainConfig
+
+# Options that change what the engine computes; a group shares all of them. The rest
+# (seed, init, lr, momentum, weight_decay, engine) may differ from model to model.
+SHAPE_FIELDS = ("dataset", "csv", "target", "split", "test_size", "standardize", "arch",
+                "cross", "widths", "activation", "norm", "residual", "dropout", "optimizer",
+                "epochs", "batch_size", "patience", "device", "probe_epochs")
+
+
+def unsupported_reason(config: TrainConfig) -> str | None:
+    """Why ``config`` needs the plain loop, or None when the batched engine can train it."""
+    if config.arch != "mlp":
+        return f"arch {config.arch!r} (only plain MLPs are batched)"
+    if config.dropout > 0:
+        return f"dropout {config.dropout} (random masks per model)"
+    if config.norm == "batch":
+        return "batch norm (running statistics per model)"
+    if config.activation in ("prelu", "rrelu"):
+        what = "a learnable slope" if config.activation == "prelu" else "random slopes"
+        return f"activation {config.activation} ({what} per layer)"
+    return None
+
+
+def group_key(config: TrainConfig) -> tuple:
+    """Configs with equal keys can be trained together."""
+    return tuple(getattr(config, name) for name in SHAPE_FIELDS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each parameter sits in a model's flat row, and how the blocks are wired."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    activation: str
+    norm: str  # "none" | "layer"
+    residual: tuple[bool, ...]  # per hidden block
+
+    @property
+    def n_params(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """name -> (K, *shape) view into ``flat`` (K, P); biases come out as (K, out, 1)."""
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            size = _numel(shape)
+            view = flat[:, offset:offset + size]
+            out[name] = view.reshape(-1, *shape, 1) if len(shape) == 1 else view.reshape(
+                -1, *shape)
+            offset += size
+        return out
+
+    def weight_slices(self) -> list[slice]:
+        """Column ranges of the Linear weights, input layer to head (for grad norms)."""
+        slices, offset = [], 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            if name.endswith("linear.weight") or name == "head.weight":
+                slices.append(slice(offset, offset + _numel(shape)))
+            offset += _numel(shape)
+        return slices
+
+    @property
+    def depth(self) -> int:
+        return len(self.residual)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def layout_of(model: nn.Module, config: TrainConfig) -> Layout:
+    named = list(model.named_parameters())
+    residual = tuple(bool(block.residual) for block in model.blocks)
+    return Layout(names=tuple(n for n, _ in named), shapes=tuple(tuple(p.shape) for _, p in named),
+                  activation=config.activation, norm=config.norm, residual=residual)
+
+
+def stack(models: list[nn.Module]) -> torch.Tensor:
+    """(K, P): row k holds model k's parameters, flattened in ``parameters()`` order."""
+    return torch.stack([nn.utils.parameters_to_vector(m.parameters()).detach()
+                        for m in models])
+
+
+@torch.no_grad()
+def unstack(flat: torch.Tensor, models: list[nn.Module]) -> None:
+    """Write row k of ``flat`` (K, P) back into model k."""
+    for row, model in zip(flat, models, strict=True):
+        nn.utils.vector_to_parameters(row.detach().clone(), model.parameters())
+
+
+class StackedActivation:
+    """Applies the activation to (K, width, n); softmax-family ones act over the width."""
+
+    def __init__(self, name: str):
+        self.spec = get_activation(name)
+        self.module = self.spec.create()
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.spec.elementwise:
+            return self.module(z)
+        return self.module(z.transpose(1, 2)).transpose(1, 2)  # dim=-1 is the width
+
+    def saturated(self, z: torch.Tensor) -> torch.Tensor:
+        """(K, n, width) bool for pre-activations z (K, width, n)."""
+        return saturated(self.spec, self.module, z.transpose(1, 2))
+
+
+def _linear(W: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """W (K, out, in), b (K, out, 1), h (in, n) shared or (K, in, n) -> (K, out, n)."""
+    if h.dim() == 2:
+        K, out, n_in = W.shape
+        return (W.reshape(K * out, n_in) @ h).view(K, out, -1) + b  # one GEMM for all K
+    return torch.baddbmm(b, W, h)
+
+
+def _layer_norm(z: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the width of z (K, width, n) with affine g, beta (K, width, 1)."""
+    mean = z.mean(1, keepdim=True)
+    var = z.var(1, unbiased=False, keepdim=True)
+    return (z - mean) * torch.rsqrt(var + 1e-5) * g + beta
+
+
+def forward(layout: Layout, flat: torch.Tensor, X: torch.Tensor, act: StackedActivation,
+            trace: list | None = None) -> torch.Tensor:
+    """Logits (K, n_out, n) of all K models on X: (d, n) shared or (K, d, n) per model.
+
+    With ``trace``, appends (pre-activation, activation) of each hidden layer.
+    """
+    p, h = layout.views(flat), X
+    for i in range(layout.depth):
+        z = _linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
+        if layout.norm == "layer":
+            z = _layer_norm(z, p[f"blocks.{i}.norm.weight"], p[f"blocks.{i}.norm.bias"])
+        a = act(z)  # (K, width, n)
+        if trace is not None:
+            trace.append((z, a))
+        h = h + a if layout.residual[i] else a
+    return _linear(p["head.weight"], p["head.bias"], h)
+
+
+def per_model_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(K,) mean loss of each model: logits (K, n_out, n), labels (n,) or (K, n)."""
+    K, n_out, n = logits.shape
+    y = y.expand(K, n)
+    if n_out == 1:  # two classes: BCE with logits on the single logit
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(),
+                                                  reduction="none").mean(1)
+    return F.cross_entropy(logits, y, reduction="none").mean(1)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)  # (K, 1)
+
+
+class StackedOptimizer:
+    """SGD (+momentum), Adam or AdamW on flat (K, P) params with per-model hyperparameters.
+
+    Follows torch.optim's single-tensor update rules (betas 0.9/0.999, eps 1e-8, no
+    dampening, no Nesterov). The step count is a tensor so that the step can be captured in
+    a CUDA graph.
+    """
+
+    def __init__(self, configs: list[TrainConfig], flat: torch.Tensor):
+        self.kind = configs[0].optimizer
+        device = flat.device
+        self.lr = _column([c.lr for c in configs], device)
+        self.momentum = _column([c.momentum for c in configs], device)
+        self.wd = _column([c.weight_decay for c in configs], device)
+        self.use_wd = any(c.weight_decay for c in configs)
+        self.buf = torch.zeros_like(flat)  # momentum / Adam first moment
+        self.sq = torch.zeros_like(flat) if self.kind != "sgd" else None
+        self.t = torch.zeros((), device=device)  # steps taken
+
+    @torch.no_grad()
+    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update ``flat`` in place from ``grad`` (both (K, P))."""
+        self.t += 1
+        if self.kind == "sgd":
+            if self.use_wd:
+                grad = grad + self.wd * flat
+            # NOTE: torch starts the momentum buffer at the first gradient; with buf = 0,
+            # buf * m + g is that gradient at step 1, and plain SGD (buf = g) when m = 0.
+            self.buf.mul_(self.momentum).add_(grad)
+            flat.sub_(self.lr * self.buf)
+            return
+        if self.kind == "adamw":
+            flat.mul_(1 - self.lr * self.wd)
+        elif self.use_wd:
+            grad = grad + self.wd * flat
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        self.buf.lerp_(grad, 1 - beta1)
+        self.sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = self.lr / (1 - beta1 ** self.t)  # (K, 1)
+        denom = (self.sq.sqrt() / torch.sqrt(1 - beta2 ** self.t)).add_(eps)
+        flat.sub_(step_size * self.buf / denom)

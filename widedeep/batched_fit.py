@@ -1,0 +1,236 @@
+"""Batched engine, part 2: the training loop for K models at once, with per-model early
+stopping, divergence and probes, recorded exactly as the plain loop (``widedeep.train.fit``)
+would record each model on its own.
+
+Models are independent, so all K keep training to the end (or until every one has stopped);
+bookkeeping on the device freezes each model's *final* weights at the epoch the plain loop
+would have stopped it, and its *best* weights (lowest validation loss) while it runs. Host
+syncs happen only every ``SYNC_EVERY`` epochs (to end early once all have stopped) and at the
+end, when the histories are cut at each model's stop epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from widedeep import batched
+from widedeep.batched import Layout, StackedActivation, StackedOptimizer
+from widedeep.config import TrainConfig
+from widedeep.model import linear_layers
+from widedeep.train import FitResult, Split
+
+SYNC_EVERY = 16  # epochs between checks whether every model has stopped
+
+
+@dataclass
+class ProbeRecords:
+    """One model's probes, shaped like ``ProbeCallback``: epoch -> {"grad_norms", "rows"}."""
+
+    records: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[dict]:
+        return [row for epoch in sorted(self.records) for row in self.records[epoch]["rows"]]
+
+
+@dataclass
+class Data:
+    """Training rows of all K models: X (d, n) when shared, else (K, d, n); y (n,) or (K, n)."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[-1]
+
+
+def stack_data(splits: list[Split]) -> Data:
+    """Feature-major stacked data; one shared copy when every model has the same rows."""
+    first = splits[0]
+    if all(s.X is first.X or torch.equal(s.X, first.X) for s in splits[1:]) and all(
+            torch.equal(s.y, first.y) for s in splits[1:]):
+        return Data(X=first.X.t().contiguous(), y=first.y)  # (d, n), (n,)
+    return Data(X=torch.stack([s.X.t() for s in splits]),  # (K, d, n)
+                y=torch.stack([s.y for s in splits]))  # (K, n)
+
+
+class Trainer:
+    """Holds the stacked state of one group; ``epoch()`` trains all K models for one epoch."""
+
+    def __init__(self, models: list[nn.Module], configs: list[TrainConfig]):
+        self.models, self.configs = models, configs
+        self.layout: Layout = batched.layout_of(models[0], configs[0])
+        self.act = StackedActivation(configs[0].activation)
+        self.flat = batched.stack(models)  # (K, P)
+        self.opt = StackedOptimizer(configs, self.flat)
+        self.batch_size = configs[0].batch_size
+        self.orders = {c.seed: torch.Generator().manual_seed(c.seed) for c in configs}
+
+    def losses(self, flat: torch.Tensor, data: Data, trace: list | None = None) -> torch.Tensor:
+        """(K,) per-model mean loss on ``data``."""
+        return batched.per_model_loss(batched.forward(self.layout, flat, data.X, self.act,
+                                                      trace), data.y)
+
+    def step(self, data: Data) -> torch.Tensor:
+        """One update of every model on ``data``; returns the (K,) losses before it."""
+        flat = self.flat.detach().requires_grad_(True)
+        loss = self.losses(flat, data)
+        (grad,) = torch.autograd.grad(loss.sum(), flat)  # sum: each model gets its own grad
+        self.opt.step(self.flat, grad)
+        return loss.detach()
+
+    def epoch(self, data: Data) -> torch.Tensor:
+        """One epoch; returns (K,) epoch losses (batch losses weighted by batch size)."""
+        if self.batch_size is None or self.batch_size >= data.n:
+            return self.step(data)
+        # NOTE: the plain loop's order: one generator per seed, randperm(n) each epoch.
+        perms = {s: torch.randperm(data.n, generator=g) for s, g in self.orders.items()}
+        perm = torch.stack([perms[c.seed] for c in self.configs]).to(data.X.device)  # (K, n)
+        total = torch.zeros(len(self.configs), device=data.X.device)
+        for idx in perm.split(self.batch_size, dim=1):  # (K, b)
+            total += self.step(_rows(data, idx)) * idx.shape[1]
+        return total / data.n
+
+    def layer_names(self) -> list[str]:
+        return [name.removesuffix(".linear") for name, _ in linear_layers(self.models[0])]
+
+
+def _rows(data: Data, idx: torch.Tensor) -> Data:
+    """Each model's own rows idx (K, b) of ``data``, as per-model (K, d, b) and (K, b)."""
+    if data.X.dim() == 2:
+        return Data(X=data.X[:, idx].transpose(0, 1), y=data.y[idx])  # (d, K, b) -> (K, d, b)
+    d = data.X.shape[1]
+    return Data(X=torch.gather(data.X, 2, idx.unsqueeze(1).expand(-1, d, -1)),
+                y=torch.gather(data.y, 1, idx))
+
+
+class Book:
+    """Per-model stopping state, on the device: the plain loop's decisions, made for K."""
+
+    def __init__(self, flat: torch.Tensor, patience: int | None):
+        K, device = flat.shape[0], flat.device
+        self.patience = patience
+        self.stopped = torch.zeros(K, dtype=torch.bool, device=device)
+        self.diverged = torch.zeros(K, dtype=torch.bool, device=device)
+        self.stop_epoch = torch.zeros(K, dtype=torch.long, device=device)  # 0 = ran to the end
+        self.final = flat.clone()  # weights when the plain loop would have stopped
+        self.best = flat.clone()
+        self.best_val = torch.full((K,), math.inf, device=device)
+        self.best_epoch = torch.zeros(K, dtype=torch.long, device=device)  # 0 = none yet
+
+    def update(self, epoch: int, loss: torch.Tensor, val: torch.Tensor | None,
+               flat: torch.Tensor) -> None:
+        """Record epoch ``epoch`` of the models still running; ``loss``/``val`` are (K,)."""
+        running = ~self.stopped
+        finite = torch.isfinite(loss)
+        diverging = running & ~finite
+        stopping = diverging
+        if val is not None:
+            better = running & finite & (val < self.best_val)
+            self.best_val = torch.where(better, val, self.best_val)
+            self.best_epoch = torch.where(better, epoch, self.best_epoch)
+            self.best = torch.where(better[:, None], flat, self.best)
+        if self.patience:
+            waited = (self.best_epoch > 0) & (epoch - self.best_epoch >= self.patience)
+            stopping = stopping | (running & finite & waited)
+        self.final = torch.where(stopping[:, None], flat, self.final)
+        self.stop_epoch = torch.where(stopping, epoch, self.stop_epoch)
+        self.diverged |= diverging
+        self.stopped |= stopping
+
+    def final_weights(self, flat: torch.Tensor) -> torch.Tensor:
+        """(K, P): frozen weights of stopped models, the best ones under early stopping."""
+        out = torch.where(self.stopped[:, None], self.final, flat)
+        if self.patience:
+            out = torch.where((self.best_epoch > 0)[:, None], self.best, out)
+        return out
+
+
+def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[TrainConfig],
+                *, vals: list[Split] | None = None) -> tuple[list[FitResult], list[ProbeRecords]]:
+    """Train ``models`` (one group, see ``batched.group_key``) together, in place.
+
+    Model k sees ``trains[k]`` (all with the same number of rows) and ``configs[k]``; returns
+    what ``fit`` and a ``ProbeCallback`` would have recorded for each model on its own.
+    """
+    trainer = Trainer(models, configs)
+    data = stack_data(trains)
+    val = stack_data(vals) if vals is not None else None
+    book = Book(trainer.flat, configs[0].patience)
+    probes = {0: probe_all(trainer, trainer.flat, data)}
+    wanted = set(configs[0].probe_epochs)
+    history, val_history = [], []  # per epoch, (K,) on the device
+    for epoch in range(1, configs[0].epochs + 1):
+        loss = trainer.epoch(data)
+        history.append(loss)
+        if val is not None:
+            with torch.no_grad():
+                val_history.append(trainer.losses(trainer.flat, val))
+        book.update(epoch, loss, val_history[-1] if val is not None else None, trainer.flat)
+        if epoch in wanted:
+            probes[epoch] = probe_all(trainer, trainer.flat, data)
+        if epoch % SYNC_EVERY == 0 and bool(book.stopped.all()):
+            break
+    final = book.final_weights(trainer.flat)
+    batched.unstack(final, models)
+    probes[-1] = probe_all(trainer, final, data)
+    return _results(book, history, val_history, probes, trainer.layer_names())
+
+
+def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data) -> tuple[list, list]:
+    """Per-model grad norms (K, layers) and activation stats (K, hidden, 4), on the host.
+
+    The same quantities as ``widedeep.probes.probe``: L2 norm of each Linear weight's
+    gradient of the full-batch loss; mean, std, saturated and dead share of each activation.
+    """
+    flat = flat.detach().requires_grad_(True)
+    trace: list = []
+    loss = trainer.losses(flat, data, trace)
+    (grad,) = torch.autograd.grad(loss.sum(), flat)
+    norms = torch.stack([grad[:, s].norm(dim=1) for s in trainer.layout.weight_slices()], 1)
+    stats = []
+    for z, a in trace:  # (K, width, n) each
+        a, sat = a.detach(), trainer.act.saturated(z.detach())  # sat: (K, n, width)
+        stats.append(torch.stack([a.mean((1, 2)), a.std(dim=(1, 2), correction=0),
+                                  sat.float().mean((1, 2)), sat.all(1).float().mean(1)], 1))
+    return norms.tolist(), torch.stack(stats, 1).tolist()  # (K, L), (K, hidden, 4)
+
+
+def _probe_record(norms: list[float], stats: list[list[float]], names: list[str],
+                  epoch: int) -> dict:
+    keys = ("act_mean", "act_std", "saturated", "dead")
+    rows = []
+    for i, name in enumerate(names):
+        values = stats[i] if i < len(stats) else [None] * 4
+        rows.append({"epoch": epoch, "layer": i, "name": name, "grad_norm": norms[i]}
+                    | dict(zip(keys, values, strict=True)))
+    return {"grad_norms": norms, "rows": rows}
+
+
+def _results(book: Book, history: list, val_history: list, probes: dict,
+             names: list[str]) -> tuple[list[FitResult], list[ProbeRecords]]:
+    """Cut each model's record at the epoch the plain loop would have stopped it."""
+    train = torch.stack(history, 1).tolist()  # (K, epochs done)
+    val = torch.stack(val_history, 1).tolist() if val_history else None
+    stop, diverged = book.stop_epoch.tolist(), book.diverged.tolist()
+    best = book.best_epoch.tolist()
+    results, records = [], []
+    for k in range(len(train)):
+        run = stop[k] or len(history)
+        result = FitResult(train_loss=train[k][:run], best_epoch=best[k] or None)
+        if val is not None:
+            result.val_loss = val[k][:run - 1 if diverged[k] else run]  # no val after NaN
+        if diverged[k]:
+            result.diverged = True
+            result.diverged_reason = f"training loss {result.train_loss[-1]} at epoch {run}"
+        # The plain loop probes epoch e only if the model finished it without diverging.
+        kept = [e for e in probes if e <= 0 or e < run or (e == run and not diverged[k])]
+        records.append(ProbeRecords({e: _probe_record(probes[e][0][k], probes[e][1][k], names, e)
+                                     for e in kept}))
+        results.append(result)
+    return results, records

@@ -1,0 +1,174 @@
+"""Batched engine, part 3: ``run_many`` on the batched engine — plan, train, summarise.
+
+``plan(configs)`` decides per config: the batched engine (``engine`` batched, or auto in a
+group of >= 2 configs that differ only by seed, init, lr, momentum or weight decay) or the
+plain loop, with the reason. A batched group trains every (config, fold) pair as one model;
+pairs are stacked by training-set size, so cross-validation folds of unequal size simply form
+two stacks. Summaries, histories and probes have the plain path's shape (``widedeep.run``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from widedeep import batched, data, metrics, run
+from widedeep.batched_fit import fit_batched
+from widedeep.config import TrainConfig
+from widedeep.errors import UserError
+from widedeep.model import build_model
+from widedeep.train import Split, predict_logits
+
+CHUNK_BYTES = 8 * 2**20  # activations of one stack; bounds K so a stack stays cache-sized
+
+
+@dataclass
+class Task:
+    """One model to train: a config's fold, with its data on the device."""
+
+    config: TrainConfig
+    fold: int
+    train: Split
+    val: Split | None
+    test: Split
+    model: torch.nn.Module
+
+
+def plan(configs: list[TrainConfig]) -> list[str | None]:
+    """Per config: None to batch it, else why it runs on the plain loop.
+
+    Raises UserError when ``engine="batched"`` is forced on a config the engine can't train.
+    """
+    sizes = defaultdict(int)
+    for c in configs:
+        if c.engine != "plain" and batched.unsupported_reason(c) is None:
+            sizes[batched.group_key(c)] += 1
+    reasons = []
+    for c in configs:
+        reason = batched.unsupported_reason(c)
+        if c.engine == "batched" and reason is not None:
+            raise UserError(f"engine batched cannot train this config: {reason}; "
+                            "use --engine plain or auto")
+        if c.engine == "plain":
+            reason = "engine plain requested"
+        elif reason is None and c.engine == "auto" and sizes[batched.group_key(c)] < 2:
+            reason = "no other config to batch with (auto batches groups of >= 2)"
+        reasons.append(reason)
+    return reasons
+
+
+def run_many(configs: list[TrainConfig], *, progress: bool = False) -> list[run.RunResult]:
+    """Results of ``configs`` in order: planned groups batched, the rest on the plain loop."""
+    results: list[run.RunResult | None] = [None] * len(configs)
+    groups = defaultdict(list)
+    for i, (config, reason) in enumerate(zip(configs, plan(configs), strict=True)):
+        if reason is None:
+            groups[batched.group_key(config)].append(i)
+            continue
+        results[i] = run.run_experiment(config, progress=progress)
+        results[i].summary.update(engine="plain", engine_reason=reason)
+    for members in groups.values():
+        for i, result in zip(members, run_group([configs[i] for i in members]), strict=True):
+            results[i] = result
+    return results
+
+
+def run_group(configs: list[TrainConfig]) -> list[run.RunResult]:
+    """Train configs of one group (equal ``batched.group_key``) together; results in order."""
+    start = time.perf_counter()
+    config0 = configs[0]
+    device = run.resolve_device(config0.device)
+    ds = run.load_for(config0)
+    folds = {id(c): data.make_folds(ds.y, c.split, test_size=c.test_size, seed=c.seed)
+             for c in configs}
+    tasks = [_task(c, ds, fold, k, device) for c in configs
+             for k, fold in enumerate(folds[id(c)])]
+    fitted = {}
+    for stack in _stacks(tasks):
+        with run.num_threads(stack_threads(config0, ds, len(stack))):
+            results, probes = fit_batched([t.model for t in stack], [t.train for t in stack],
+                                          [t.config for t in stack],
+                                          vals=[t.val for t in stack] if config0.patience else None)
+        fitted.update({id(t): (t, r, p) for t, r, p in zip(stack, results, probes, strict=True)})
+    by_config = defaultdict(list)
+    for t in tasks:
+        by_config[id(t.config)].append(fitted[id(t)])
+    # NOTE: models of a group train together; each run is charged an equal share of the time.
+    seconds = (time.perf_counter() - start) / len(configs)
+    with run.num_threads(run.resolve_threads(config0, ds)):  # the summary records threads
+        return [_result(c, ds, folds[id(c)], by_config[id(c)], device, seconds)
+                for c in configs]
+
+
+def stack_threads(config: TrainConfig, ds: data.Dataset, k: int) -> int:
+    """``run.resolve_threads`` for a stack: one thread unless K models' step is large."""
+    if config.threads is not None:
+        return config.threads
+    rows = config.batch_size or ds.n_rows
+    flops = k * run.step_flops(config, ds.n_features, ds.n_classes, rows)
+    return 1 if flops < run.SMALL_STEP_FLOPS else torch.get_num_threads()
+
+
+def _task(config: TrainConfig, ds: data.Dataset, fold: data.Fold, k: int, device) -> Task:
+    """The rows and model ``run._run_fold`` would use for this fold (same seeds, same order)."""
+    X = ds.X
+    if config.standardize:
+        X_train, X_test = data.standardize(ds.X[fold.train], ds.X[fold.test])
+        X = np.empty_like(ds.X)
+        X[fold.train], X[fold.test] = X_train, X_test
+    train_idx, val = fold.train, None
+    if config.patience:
+        inner = data.make_folds(ds.y[fold.train], "holdout", test_size=run.VAL_FRACTION,
+                                seed=config.seed)[0]
+        train_idx = fold.train[inner.train]
+        val = run._tensors(ds, fold.train[inner.test], device, X)
+    train = run._tensors(ds, train_idx, device, X)
+    torch.manual_seed(config.seed)
+    model = build_model(config, ds.n_features, ds.n_classes).to(device)
+    return Task(config, k, train, val, run._tensors(ds, fold.test, device, X), model)
+
+
+def _stacks(tasks: list[Task]) -> list[list[Task]]:
+    """Tasks with equal train (and val) sizes, in chunks of at most ``chunk_size`` models."""
+    groups = defaultdict(list)
+    for t in tasks:
+        groups[(len(t.train.y), len(t.val.y) if t.val is not None else 0)].append(t)
+    out = []
+    for group in groups.values():
+        size = chunk_size(group[0].config, len(group[0].train.y))
+        out += [group[i:i + size] for i in range(0, len(group), size)]
+    return out
+
+
+def chunk_size(config: TrainConfig, n: int) -> int:
+    """Models per stack: their activations (about 4 tensors per hidden unit) in CHUNK_BYTES."""
+    rows = n if config.batch_size is None else min(n, config.batch_size)
+    per_model = 4 * 4 * rows * sum(config.widths)  # bytes
+    return max(1, CHUNK_BYTES // per_model)
+
+
+def _result(config: TrainConfig, ds: data.Dataset, folds, fitted: list, device,
+            seconds: float) -> run.RunResult:
+    """The RunResult ``run.run_experiment`` builds, from the batched fits of its folds."""
+    per_fold, history, probes = [], [], []
+    for k, (task, fit_result, prober) in enumerate(fitted):
+        report = metrics.classification_report(predict_logits(task.model, task.test.X),
+                                               task.test.y, ds.class_names)
+        base = metrics.base_rate_loss(task.train.y, ds.n_classes)
+        if fit_result.diverged:  # as run._run_fold: a NaN model's predictions mean nothing
+            report |= {"loss": None, "accuracy": None, "auc": None}
+        per_fold.append(run._fold_summary(fit_result, report, base, prober))
+        history += [
+            {"fold": k, "epoch": e, "train_loss": loss,
+             "val_loss": fit_result.val_loss[e - 1] if e <= len(fit_result.val_loss) else None}
+            for e, loss in enumerate(fit_result.train_loss, start=1)
+        ]
+        probes += [{"fold": k} | row for row in prober.rows]
+    summary = run._summarise(config, ds, folds, per_fold, device)
+    summary.update(engine="batched", engine_reason=None, seconds=seconds)
+    return run.RunResult(summary=run._finite(summary), history=run._finite(history),
+                         probes=run._finite(probes))
