@@ -1,0 +1,269 @@
+"""Sweeps: spec validation, exactly-once execution over SQLite and PostgreSQL, crash recovery."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from widedeep import sweep, sweep_worker
+from widedeep.cli import main
+from widedeep.errors import UserError
+from widedeep.sweep_store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = ("seconds", "threads", "study", "trial_number")  # differ between runs by design
+
+
+def tiny(name="tiny", epochs=4, grid=None, dataset="iris", split="holdout") -> dict:
+    """A spec of 2x2 points x 2 seeds; worker processes get diabetes with split none, which
+    loads without importing scikit-learn (seconds per process)."""
+    return {
+        "sweep": {"name": name, "dataset": dataset, "split": split, "seeds": [0, 1]},
+        "fixed": {"optimizer": "adam", "lr": 0.01, "epochs": epochs, "width": 8},
+        "grid": grid or {"activation": ["relu", "tanh"], "depth": [1, 2]},
+    }
+
+
+def write_toml(path: Path, d: dict) -> Path:
+    def value(v):
+        return json.dumps(v)  # JSON scalars and lists are valid TOML here
+
+    lines = []
+    for table, entries in d.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {value(v)}" for k, v in entries.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/sweeps.sqlite3"
+
+
+def stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def assert_exactly_once(spec: sweep.SweepSpec, url: str) -> None:
+    """One finished row per point x seed, and one COMPLETE Optuna trial per row."""
+    rows = sweep.trials(spec, storage=url)
+    keys = {(json.dumps(r["point"], sort_keys=True), r["seed"]) for r in rows}
+    total = len(spec.points()) * len(spec.seeds)
+    assert len(rows) == len(keys) == total
+    with Store(url) as store:
+        study = store.study(spec.name)
+        done = Counter(t.system_attrs[sweep_worker.KEY_ATTR]
+                       for t in study.get_trials(states=(TrialState.COMPLETE,)))
+        assert not study.get_trials(states=(TrialState.RUNNING,))
+        claims = store.rows(spec.name)
+    assert len(done) == total and set(done.values()) == {1}
+    assert {c["key"] for c in claims} == set(done)
+
+
+# ---------------------------------------------------------------------- specs
+
+
+def test_example_spec_loads():
+    spec = sweep.load_spec(ROOT / "sweeps" / "activation-depth.toml")
+    assert spec.name == "activation-depth" and spec.seeds == (0, 1, 2)
+    assert len(spec.points()) == 18
+    assert spec.points()[0] == {"activation": "sigmoid", "depth": 2, "width": 6}
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda d: d["fixed"].update(bogus=1), "unknown option 'bogus'"),
+    (lambda d: d["grid"].clear(), "[grid] is empty"),
+    (lambda d: d["grid"].update(depth=[]), "depth must be a non-empty list"),
+    (lambda d: d["grid"].update(depth=3), "depth must be a non-empty list"),
+    (lambda d: d["fixed"].update(lr="fast"), "option lr has the wrong type"),
+    (lambda d: d["sweep"].update(dataset="nope"), "unknown dataset 'nope'"),
+    (lambda d: d["grid"].update(activation=["relu", "nope"]), "unknown activation 'nope'"),
+    (lambda d: d["sweep"].update(seeds=3), "seeds must be a non-empty list"),
+    (lambda d: d["sweep"].update(split="cv:1"), "split must be"),
+    (lambda d: d["fixed"].update(seed=1), "set it as [sweep] seeds"),
+    (lambda d: d["fixed"].update(depth=2), "in both [fixed] and [grid]"),
+    (lambda d: d.update(extra={}), "unknown table(s) extra"),
+    (lambda d: d["sweep"].pop("name"), "name must be a non-empty string"),
+])
+def test_bad_spec_names_the_problem(change, words):
+    d = tiny()
+    change(d)
+    with pytest.raises(UserError, match=None) as err:
+        sweep.spec_from_dict(d)
+    assert words in str(err.value)
+
+
+def test_bad_spec_exits_2_before_any_training(tmp_path, url, capsys):
+    d = tiny()
+    d["grid"]["depth"] = [1, 0]
+    path = write_toml(tmp_path / "bad.toml", d)
+    assert main(["sweep", str(path), "--storage", url, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: grid point") and "depth" in err[0]
+    assert not (tmp_path / "sweeps.sqlite3").exists()
+
+
+# ---------------------------------------------------------------------- running
+
+
+def lecture_file(name, **kwargs) -> dict:
+    return tiny(name, dataset="diabetes", split="none", **kwargs)
+
+
+def test_two_workers_equal_one_worker_and_run_each_trial_once(url, diabetes_dir):
+    one = sweep.spec_from_dict(lecture_file("one"))
+    two = sweep.spec_from_dict(lecture_file("two"))
+    counts = sweep.run_sweep(one, storage=url, progress=False)
+    assert counts == {"total": 8, "done": 8, "failed": 0, "diverged": 0, "ran_now": 8}
+    assert sweep.run_sweep(two, storage=url, workers=2, progress=False)["ran_now"] == 8
+    for spec in (one, two):
+        assert_exactly_once(spec, url)
+    assert stable(sweep.trials("one", storage=url)) == stable(sweep.trials("two", storage=url))
+    again = sweep.run_sweep(two, storage=url, workers=2, progress=False)
+    assert again["ran_now"] == 0 and again["done"] == 8
+
+
+def test_records_keep_summary_history_and_probes(url):
+    spec = sweep.spec_from_dict(tiny("rec", grid={"activation": ["relu"]}))
+    sweep.run_sweep(spec, storage=url, progress=False)
+    records = sweep.trial_records("rec", storage=url)
+    assert [r["seed"] for r in records] == [0, 1]
+    for r in records:
+        assert r["params"] == {"activation": "relu", "seed": r["seed"]}
+        assert r["summary"]["epochs_run"] == 4 and r["summary"]["seed"] == r["seed"]
+        assert [h["epoch"] for h in r["history"]] == [1, 2, 3, 4]
+        assert {p["epoch"] for p in r["probes"]} >= {0, -1}  # init and final
+    row = sweep.trials("rec", storage=url)[0]
+    assert row["status"] == "complete" and row["activation"] == "relu" and row["width"] == 8
+    assert isinstance(row["test_loss"], float) and isinstance(row["grad_norms_init"], list)
+
+
+def test_failed_trials_keep_their_reason_and_stop_after_max_attempts(url, monkeypatch):
+    real = sweep_worker.run_many
+
+    def flaky(configs):
+        if any(c.activation == "tanh" for c in configs):
+            raise RuntimeError("boom")
+        return real(configs)
+
+    monkeypatch.setattr(sweep_worker, "run_many", flaky)
+    spec = sweep.spec_from_dict(tiny("flaky", grid={"activation": ["relu", "tanh"]}))
+    counts = sweep.run_sweep(spec, storage=url, progress=False)
+    assert (counts["done"], counts["failed"]) == (2, 2)
+    failed = [r for r in sweep.trials(spec, storage=url) if r["status"] == "failed"]
+    assert all(r["attempts"] == sweep_worker.MAX_ATTEMPTS for r in failed)
+    assert all("RuntimeError: boom" in r["reason"] for r in failed)
+    assert sweep.run_sweep(spec, storage=url, progress=False)["ran_now"] == 0
+    with Store(url) as store:
+        fails = store.study("flaky").get_trials(states=(TrialState.FAIL,))
+    assert len(fails) == 2 * sweep_worker.MAX_ATTEMPTS
+    assert all("boom" in t.user_attrs["reason"] for t in fails)
+
+
+def test_diverged_trials_are_recorded_once(url, monkeypatch):
+    real = sweep_worker.run_many
+
+    def diverge(configs):
+        results = real(configs)
+        for r in results:
+            r.summary.update(diverged=True, diverged_reason="training loss nan at epoch 2",
+                             test_loss=None)
+        return results
+
+    monkeypatch.setattr(sweep_worker, "run_many", diverge)
+    spec = sweep.spec_from_dict(tiny("div", grid={"activation": ["relu"]}))
+    assert sweep.run_sweep(spec, storage=url, progress=False)["diverged"] == 2
+    rows = sweep.trials(spec, storage=url)
+    assert {r["status"] for r in rows} == {"diverged"}
+    assert rows[0]["reason"] == "training loss nan at epoch 2"
+    assert_exactly_once(spec, url)
+
+
+def test_cli_runs_and_exports_one_tidy_table(tmp_path, url, capsys):
+    path = write_toml(tmp_path / "s.toml", tiny("cli", grid={"depth": [1, 2]}))
+    out = tmp_path / "out" / "trials.csv"
+    argv = ["sweep", str(path), "--storage", url, "--export", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert "cli: 4/4 trials done (4 run now" in capsys.readouterr().out
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["depth"], r["seed"]) for r in rows] == [("1", "0"), ("1", "1"), ("2", "0"),
+                                                       ("2", "1")]
+    assert json.loads(rows[0]["point"]) == {"depth": 1} and float(rows[0]["test_loss"]) > 0
+
+
+# ---------------------------------------------------------------------- crashes and sharing
+
+
+def _cli(spec_path: Path, url: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "widedeep", "sweep", str(spec_path), "--storage", url,
+           "--quiet", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(url: str, name: str, proc, done: int, running: int, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with Store(url) as store:
+                counts = store.counts(name)
+        except UserError:  # the worker has not created the tables yet
+            counts = {}
+        if counts.get("complete", 0) >= done and counts.get("running", 0) >= running:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"worker did not reach {done} done trials: {proc.poll()=}")
+
+
+def test_killed_worker_loses_nothing_and_duplicates_nothing(tmp_path, url, diabetes_dir):
+    d = lecture_file("killed", epochs=100, grid={"activation": ["relu", "tanh"]})
+    d["fixed"].update(depth=6, width=64)
+    spec = sweep.spec_from_dict(d)
+    proc = _cli(write_toml(tmp_path / "k.toml", d), url, "--grace", "1")
+    try:
+        _wait_for(url, "killed", proc, done=2, running=1)  # one point done, one in flight
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.communicate()
+    counts = sweep.run_sweep(spec, storage=url, progress=False, grace_s=1)
+    assert counts["done"] == 4 and counts["ran_now"] == 2
+    assert_exactly_once(spec, url)
+    with Store(url) as store:
+        lost = store.study("killed").get_trials(states=(TrialState.FAIL,))
+        rows = store.rows("killed")
+    assert lost and all(t.user_attrs["reason"].startswith("worker lost") for t in lost)
+    assert sorted(r["attempts"] for r in rows) == [1, 1, 2, 2]
+
+
+@pytest.mark.postgres
+def test_postgres_two_worker_processes_share_one_study(tmp_path, diabetes_dir):
+    pg = os.environ.get("WIDEDEEP_TEST_POSTGRES_URL")
+    if not pg:
+        pytest.skip("WIDEDEEP_TEST_POSTGRES_URL is not set (.ci/run starts a server and sets it)")
+    name = f"pg-{uuid.uuid4().hex[:12]}"  # the server outlives the test: a fresh study
+    d = lecture_file(name, epochs=300)
+    spec = sweep.spec_from_dict(d)
+    sweep.prepare(spec, pg)  # the tables exist before two workers race for them
+    proc = _cli(write_toml(tmp_path / "pg.toml", d), pg)  # as on a second machine
+    try:
+        _wait_for(pg, name, proc, done=0, running=1)
+        here = sweep.run_sweep(spec, storage=pg, progress=False)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 0, out
+    there = int(out.split("(")[1].split(" run now")[0])
+    assert here["done"] == 8 and here["ran_now"] >= 1 and there >= 1
+    assert here["ran_now"] + there == 8
+    assert_exactly_once(spec, pg)

@@ -1,0 +1,273 @@
+"""Sweep workers: claim a grid point's pending seeds, train them through ``run_many``, record.
+
+Exactly once: a trial is trained only by the worker whose claim moved its row to
+``running`` (see :mod:`widedeep.sweep_store`). A worker's heartbeat thread renews its lease;
+after a crash the row is claimed again once the lease is ``grace_s`` old, and the lost
+attempt's Optuna trial is marked failed -- or, when it had already completed, the row is
+simply closed without training. Results are written to Optuna before the row is closed, so
+a crash in between costs a lookup, never a second training run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+from tqdm import tqdm
+
+from widedeep.errors import UserError
+from widedeep.run import run_many
+from widedeep.sweep_store import TERMINAL, Store, put_blob
+
+MAX_ATTEMPTS = 3  # a trial that fails (or kills its worker) this often is recorded as failed
+GRACE_S = 60.0  # a running trial with no heartbeat for this long belongs to a lost worker
+HEARTBEAT_S = 5.0
+POLL_S = 0.5
+KEY_ATTR = "widedeep:key"
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the lease of whatever token the worker holds, every ``every`` seconds."""
+
+    def __init__(self, store: Store, every: float):
+        super().__init__(daemon=True, name="widedeep-heartbeat")
+        self.store, self.every, self.token = store, every, None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every):
+            token = self.token
+            if token is not None:
+                try:
+                    self.store.heartbeat(token)
+                except Exception as e:  # a busy database: the next beat will do
+                    print(f"widedeep: heartbeat failed: {e}", file=sys.stderr)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _param(value):
+    """Optuna params must be str/int/float/bool: lists (e.g. widths) go in as JSON."""
+    return value if isinstance(value, str | int | float | bool) else json.dumps(value)
+
+
+def _start_trial(store: Store, study, spec, row: dict) -> int:
+    """Create the attempt's RUNNING Optuna trial and link it to the row; its trial id."""
+    point = json.loads(row["point"])
+    dists = {k: CategoricalDistribution([_param(v) for v in spec.grid[k]]) for k in point}
+    dists["seed"] = CategoricalDistribution(list(spec.seeds))
+    params = {k: _param(v) for k, v in point.items()} | {"seed": row["seed"]}
+    template = create_trial(state=TrialState.RUNNING, params=params, distributions=dists,
+                            system_attrs={KEY_ATTR: row["key"]},
+                            user_attrs={"attempt": row["attempts"], "worker": row["worker"]})
+    study_id = store.optuna.get_study_id_from_name(study.study_name)
+    trial_id = store.optuna.create_new_trial(study_id, template_trial=template)
+    number = store.optuna.get_trial_number_from_id(trial_id)
+    store.update(study.study_name, row["key"], row["token"], trial_number=number)
+    return trial_id
+
+
+def _fail_trial(store: Store, trial_id: int, reason: str) -> None:
+    """Mark an attempt failed with its reason (no-op when it already finished)."""
+    try:
+        store.optuna.set_trial_user_attr(trial_id, "reason", reason)
+        store.optuna.set_trial_state_values(trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+
+
+def _recover(store: Store, study, row: dict) -> bool:
+    """A re-claimed row: close it if its last attempt completed (True), else fail that
+    attempt's trial and any orphan RUNNING trial of the same key (False)."""
+    if row["attempts"] <= 1:
+        return False
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
+                                                          TrialState.COMPLETE)):
+        if trial.system_attrs.get(KEY_ATTR) != row["key"]:
+            continue
+        if trial.state == TrialState.COMPLETE:
+            store.update(study.study_name, row["key"], row["token"], state=trial.user_attrs[
+                "status"], trial_number=trial.number, reason=None)
+            return True
+        _fail_trial(store, store.trial_id(study, trial.number), "worker lost (no heartbeat)")
+    return False
+
+
+def _train(configs: list) -> list:
+    """RunResults, or the exception of each config that failed."""
+    try:
+        return run_many(configs)
+    except Exception:
+        if len(configs) == 1:
+            return [sys.exc_info()[1]]
+    out = []
+    for config in configs:  # which one failed? run them one by one
+        try:
+            out += run_many([config])
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+def _record(store: Store, study, row: dict, trial_id: int, result) -> None:
+    name, opt = study.study_name, store.optuna
+    if isinstance(result, BaseException):
+        reason = "".join(traceback.format_exception_only(type(result), result)).strip()
+        _fail_trial(store, trial_id, reason[-2000:])
+        final = row["attempts"] >= MAX_ATTEMPTS
+        store.update(name, row["key"], row["token"], state="failed" if final else "pending",
+                     token=None, reason=reason[-2000:])
+        return
+    summary = result.summary
+    status = "diverged" if summary.get("diverged") else "complete"
+    loss = summary.get("test_loss")
+    try:
+        opt.set_trial_user_attr(trial_id, "status", status)
+        opt.set_trial_user_attr(trial_id, "summary", summary)
+        put_blob(opt, trial_id, "history", result.history)
+        put_blob(opt, trial_id, "probes", result.probes)
+        value = loss if loss is not None and math.isfinite(loss) else math.inf
+        opt.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return  # our lease was taken over and this attempt marked lost: drop the result
+    store.update(name, row["key"], row["token"], state=status, token=None,
+                 reason=summary.get("diverged_reason"))
+
+
+def _run_group(store: Store, study, spec, rows: list[dict]) -> int:
+    todo = [r for r in rows if not _recover(store, study, r)]
+    trial_ids = [_start_trial(store, study, spec, r) for r in todo]
+    try:
+        configs = [spec.config(json.loads(r["point"]), r["seed"]) for r in todo]
+        results = _train(configs) if configs else []
+    except BaseException:  # Ctrl-C: these attempts do not count
+        for trial_id in trial_ids:
+            _fail_trial(store, trial_id, "interrupted")
+        raise
+    for row, trial_id, result in zip(todo, trial_ids, results, strict=True):
+        _record(store, study, row, trial_id, result)
+    return len(rows)
+
+
+def work(spec, url: str, *, worker: str, group: int, grace_s: float, on_done=None,
+         threads: int | None = None) -> None:
+    """Claim and run trials until every row of the sweep is finished."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with Store(url) as store:
+        study = store.study(spec.name)
+        beat = _Heartbeat(store, min(HEARTBEAT_S, grace_s / 4))
+        beat.start()
+        try:
+            _loop(store, study, spec, beat, worker=worker, group=group, grace_s=grace_s,
+                  on_done=on_done)
+        finally:
+            beat.stop()
+
+
+def _loop(store: Store, study, spec, beat: _Heartbeat, *, worker, group, grace_s, on_done):
+    while True:
+        store.expire_exhausted(spec.name, grace_s, MAX_ATTEMPTS)
+        token, rows = store.claim(spec.name, worker, group=group, grace_s=grace_s,
+                                  max_attempts=MAX_ATTEMPTS)
+        if token is None:
+            counts = store.counts(spec.name)
+            if not counts.get("pending") and not counts.get("running"):
+                return
+            time.sleep(POLL_S)  # others are running the rest; take over if they are lost
+            continue
+        beat.token = token
+        try:
+            n = _run_group(store, study, spec, rows)
+        except BaseException:
+            store.release(token)
+            raise
+        finally:
+            beat.token = None
+        if on_done is not None:
+            on_done(n)
+
+
+def _finished(store: Store, name: str, prefix: str | None = None) -> dict[str, int]:
+    counts = store.counts(name, prefix)
+    return {k: counts.get(k, 0) for k in TERMINAL}
+
+
+def run_workers(spec, url: str, *, workers: int, progress: bool,
+                grace_s: float | None) -> dict:
+    """Run ``workers`` workers (1: in this process) and return the sweep's counts."""
+    grace_s = GRACE_S if grace_s is None else grace_s
+    run_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}/"
+    n_points = math.prod(len(v) for v in spec.grid.values())
+    group = len(spec.seeds) if n_points >= workers else 1
+    with Store(url) as store:
+        total = len(spec.points()) * len(spec.seeds)
+        bar = tqdm(total=total, initial=sum(_finished(store, spec.name).values()),
+                   disable=not progress or not sys.stderr.isatty(), file=sys.stderr,
+                   unit="trial", desc=spec.name)
+        with bar:
+            kwargs = dict(group=group, grace_s=grace_s)
+            if workers == 1:
+                work(spec, url, worker=run_id + "0", on_done=bar.update, **kwargs)
+            else:
+                _spawn(spec, url, run_id, workers, bar, store, kwargs)
+        done = _finished(store, spec.name)
+        mine = _finished(store, spec.name, run_id)
+    return {"total": total, "done": done["complete"] + done["diverged"],
+            "failed": done["failed"], "diverged": done["diverged"],
+            "ran_now": sum(mine.values())}
+
+
+def _spawn(spec, url, run_id, workers, bar, store, kwargs) -> None:
+    """Start ``workers`` processes of this module (one torch thread each) and wait for them."""
+    procs = []
+    for i in range(workers):
+        job = dict(spec=spec.to_dict(), url=url, worker=f"{run_id}{i}", threads=1, **kwargs)
+        procs.append(subprocess.Popen([sys.executable, "-m", __name__, json.dumps(job)]))
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(POLL_S)
+            bar.update(sum(_finished(store, spec.name).values()) - bar.n)
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=30)  # on Ctrl-C they release their claims and exit
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    bad = [f"{i}: {p.returncode}" for i, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        raise UserError(f"sweep worker(s) exited with an error (worker: status) "
+                        f"{', '.join(bad)}; see the messages above")
+
+
+def _worker_main(argv: list[str]) -> int:
+    """Entry point of a worker process: ``python -m widedeep.sweep_worker JOB_JSON``."""
+    from widedeep.sweep import SweepSpec
+
+    job = json.loads(argv[0])
+    try:
+        work(SweepSpec.from_saved(job.pop("spec")), job.pop("url"), **job)
+    except KeyboardInterrupt:  # the parent reports the interruption
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
