@@ -1,0 +1,90 @@
+"""Section 3, second half: PyTorch's default init against xavier, kaiming and lecun."""
+
+from __future__ import annotations
+
+import pandas as pd
+import seaborn as sns
+
+from analysis import grid
+from analysis.context import Context, make_spec
+from analysis.profiles import Profile
+from analysis.tables import geomean, mean_pm_std
+
+
+def specs(profile: Profile) -> dict:
+    spec = make_spec(profile, "init", seeds=range(profile.seeds),
+                     fixed={**profile.recipe, "epochs": profile.epochs,
+                            "depth": profile.grad_depth, "width": profile.init_width},
+                     grid={"activation": list(profile.init_activations),
+                           "init": list(profile.inits)})
+    return {"init": spec}
+
+
+def layer_rows(records: list[dict]) -> pd.DataFrame:
+    """Per-layer gradient norm at init of every trial."""
+    return pd.DataFrame([
+        {**r["point"], "seed": r["seed"], "layer": p["layer"] + 1, "grad_norm": p["grad_norm"]}
+        for r in records for p in r["probes"] if p["fold"] == 0 and p["epoch"] == 0])
+
+
+def summary_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per activation x init: gradient ratios and held-out scores over seeds."""
+    df = grid.usable(trials)
+    rows = []
+    for (act, init), g in df.groupby(["activation", "init"], sort=False):
+        rows.append({
+            "activation": act, "init": init, "seeds": len(g),
+            "ratio_at_init": geomean(g["grad_ratio_init"]),
+            "ratio_after_training": geomean(g["grad_ratio_final"]),
+            "test_loss": mean_pm_std(g["test_loss"].mean(), g["test_loss"].std()),
+            "test_accuracy": mean_pm_std(g["test_accuracy"].mean(), g["test_accuracy"].std()),
+            "test_loss_mean": g["test_loss"].mean(),
+            "diverged": int(g["diverged"].sum()),
+        })
+    return pd.DataFrame(rows)
+
+
+def _figure(ctx: Context, rows: pd.DataFrame) -> str:
+    p = ctx.profile
+    agg = rows.groupby(["activation", "init", "layer"], sort=False)["grad_norm"]
+    data = agg.agg(geomean).reset_index()
+    data = data[data["grad_norm"] > 0]
+    g = sns.relplot(data=data, x="layer", y="grad_norm", hue="init", col="activation",
+                    col_wrap=min(4, data["activation"].nunique()), kind="line", marker="o",
+                    height=2.6, aspect=1.2, errorbar=None)
+    g.set(yscale="log")
+    g.set_axis_labels("layer (1 = input)", "‖∂loss/∂W‖ at init (log)")
+    g.set_titles("{col_name}")
+    return ctx.figure("init_grad_layers", g.figure,
+                      f"Per-layer gradient norm at init by initialisation, depth "
+                      f"{p.grad_depth}, width {p.init_width}")
+
+
+def _best_text(table: pd.DataFrame) -> str:
+    lines = []
+    for act, g in table.groupby("activation", sort=False):
+        scored = g.dropna(subset=["test_loss_mean"])
+        if scored.empty:
+            continue
+        best = scored.loc[scored["test_loss_mean"].idxmin()]
+        lines.append(f"- {act}: lowest held-out loss with init={best['init']} "
+                     f"({best['test_loss']}), first/last ratio at init "
+                     f"{best['ratio_at_init']:.2g}")
+    return "\n".join(lines) + "\n"
+
+
+def render(ctx: Context) -> str:
+    """Run the init sweep and write its part of section 3."""
+    p = ctx.profile
+    spec = specs(p)["init"]
+    ctx.run(spec)
+    table = summary_table(ctx.trials(spec))
+    return "\n".join([
+        "### Initialisation\n",
+        f"Depth {p.grad_depth}, width {p.init_width}, same recipe as section 2; `default` is "
+        "PyTorch's own Linear init, `lecun` is LeCun normal (what SELU needs to "
+        "self-normalise).\n",
+        _figure(ctx, layer_rows(ctx.records(spec))),
+        _best_text(table),
+        ctx.table("init_compare", table.drop(columns="test_loss_mean"), "Per init"),
+    ])

@@ -1,0 +1,147 @@
+"""The report end to end on the tiny profile: every table and figure, read back from records."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from widedeep import sweep
+from widedeep.cli import main
+
+pytestmark = pytest.mark.slow
+
+TABLES = ["lecture_runs", "grid_final_loss", "grid_best", "grid_stuck_share",
+          "grad_ratio_by_depth", "grad_layers_depth2", "init_compare", "confusion_per_class",
+          "confusion_per_class_all", "datasets_best", "datasets_all"]
+FIGURES = ["lecture_loss_curve", "lecture_plateau", "grid_test_loss_width8",
+           "grid_test_accuracy_width8", "grid_train_loss_width8", "grad_ratio_vs_depth",
+           "grad_layers_at_init_width8", "grad_layers_after_training_width8",
+           "saturation_width8", "init_grad_layers", "confusion_diabetes_lecture",
+           "confusion_diabetes_best", "confusion_diabetes_logreg", "confusion_iris_best",
+           "datasets_test_loss"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, str]:
+    """Run ``widedeep report --profile tiny`` once into a temporary folder."""
+    folder = os.environ.get("WIDEDEEP_DATA")
+    if not folder or not (Path(folder) / "diabetes.csv.gz").exists():
+        pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
+    import widedeep.data
+
+    out = tmp_path_factory.mktemp("report") / "results"
+    storage = f"sqlite:///{out.parent / 'records.sqlite3'}"
+    with pytest.MonkeyPatch.context() as mp:  # no downloads, not even from a module fixture
+        mp.setattr(widedeep.data, "_download", _refuse)
+        code = main(["report", "--profile", "tiny", "--out", str(out), "--storage", storage,
+                     "--workers", "1", "--quiet"])
+    assert code == 0
+    return out, storage
+
+
+def _refuse(url, dest):
+    raise OSError("network disabled in tests")
+
+
+def _table(out: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(out / "tables" / f"{name}.csv")
+
+
+def test_every_table_and_figure_is_written(report):
+    out, _ = report
+    for name in TABLES:
+        assert (out / "tables" / f"{name}.csv").is_file(), name
+        assert (out / "tables" / f"{name}.md").read_text().startswith("| "), name
+    for name in FIGURES:
+        assert (out / "figures" / f"{name}.png").is_file(), name
+
+
+def test_readme_links_resolve_and_name_classes(report):
+    out, _ = report
+    text = (out / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    assert len(links) > len(FIGURES)
+    for link in links:
+        assert not link.startswith("/"), link  # relative, so it renders on GitHub
+        assert (out / link).exists(), link
+    for n in range(1, 8):
+        assert f"## {n}. " in text
+    assert "not diabetic" in text
+
+
+def test_figures_are_valid_images(report):
+    from PIL import Image
+
+    out, _ = report
+    for path in (out / "figures").glob("*.png"):
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width >= 300 and image.height >= 200, (path.name, image.size)
+
+
+def test_tables_hold_expected_rows_and_columns(report):
+    out, _ = report
+    grid = _table(out, "grid_final_loss")
+    assert {"activation", "depth", "width", "seeds", "test_loss_mean", "test_loss_std",
+            "test_accuracy_mean", "train_loss_mean", "diverged"} <= set(grid.columns)
+    assert len(grid) == 2 * 2 * 1  # activations x depths x widths of the tiny profile
+    assert set(grid["activation"]) == {"relu", "sigmoid"}
+    assert (grid["seeds"] == 2).all()
+    lecture = _table(out, "lecture_runs")
+    assert list(lecture["seed"]) == [0, 1]
+    per_class = _table(out, "confusion_per_class")
+    diabetes = per_class[per_class["dataset"] == "diabetes"]
+    assert set(diabetes["class"]) == {"diabetic", "not diabetic"}
+    assert set(diabetes["model"]) >= {"lecture net (training rows)", "logistic regression"}
+    assert len(_table(out, "datasets_best")) == 2
+    layers = _table(out, "grad_layers_depth2")
+    assert sorted(layers["layer"].unique()) == [1, 2, 3]  # two hidden layers + output
+
+
+def test_table_numbers_equal_the_records(report):
+    from analysis import grid, lecture
+    from analysis.profiles import get_profile
+
+    out, storage = report
+    profile = get_profile("tiny")
+    rows = pd.DataFrame(sweep.trials(grid.specs(profile)["grid"], storage=storage))
+    cell = rows[(rows["activation"] == "relu") & (rows["depth"] == 1) & (rows["width"] == 8)]
+    table = _table(out, "grid_final_loss").set_index(["activation", "depth", "width"])
+    assert table.loc[("relu", 1, 8), "test_loss_mean"] == pytest.approx(
+        np.mean(cell["test_loss"]), abs=1e-6)
+    assert table.loc[("relu", 1, 8), "test_accuracy_std"] == pytest.approx(
+        np.std(cell["test_accuracy"], ddof=1), abs=1e-6)
+    runs = pd.DataFrame(sweep.trials(lecture.specs(profile)["lecture"], storage=storage))
+    first = runs[(runs["epochs"] == 100) & (runs["seed"] == 0)].iloc[0]
+    assert _table(out, "lecture_runs").loc[0, "train_loss_epoch_100"] == pytest.approx(
+        first["final_train_loss"], rel=1e-12)
+
+
+def test_environment_is_recorded(report):
+    out, _ = report
+    env = json.loads((out / "environment.json").read_text())
+    for key in ("torch_version", "cpu_model", "threads", "cuda_device", "date", "commit",
+                "profile", "sweeps", "seconds"):
+        assert key in env, key
+    assert env["profile"] == "tiny"
+
+
+def test_rerun_trains_nothing(report):
+    out, storage = report
+    assert main(["report", "--profile", "tiny", "--out", str(out), "--storage", storage,
+                 "--workers", "1", "--quiet"]) == 0
+    env = json.loads((out / "environment.json").read_text())
+    assert env["sweeps"] and all(s["ran_now"] == 0 for s in env["sweeps"])
+
+
+def test_contradictory_profile_is_a_user_error(capsys):
+    assert main(["report", "--full", "--profile", "tiny"]) == 2
+    assert "error: --full contradicts --profile tiny" in capsys.readouterr().err
