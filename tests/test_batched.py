@@ -183,3 +183,22 @@ def test_forced_batched_runs_a_single_config():
     (result,) = run_many([make_config(dataset="iris", epochs=5, engine="batched")])
     assert result.summary["engine"] == "batched"
     assert len(result.history) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: CUDA-graph replay is checked on a GPU machine only")
+def test_cuda_graph_replay_matches_eager_steps():
+    train, n_classes = _split("breast_cancer", rows=200)
+    train = Split(train.X.cuda(), train.y.cuda())
+    runs = {}
+    for graphs in (False, True):
+        configs = [make_config(optimizer="adam", lr=0.01, epochs=20, seed=s, device="cuda")
+                   for s in range(4)]
+        models = []
+        for c in configs:
+            torch.manual_seed(c.seed)
+            models.append(build_model(c, train.X.shape[1], n_classes).cuda())
+        results, _ = fit_batched(models, [train] * 4, configs, cuda_graphs=graphs)
+        runs[graphs] = (results, models)
+    for eager, graphed in zip(*(runs[g][0] for g in (False, True)), strict=True):
+        np.testing.assert_allclose(graphed.train_loss, eager.train_loss, **LOSS_TOL)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from widedeep import batched
+from widedeep import batched, batched_cuda
 from widedeep.batched import Layout, StackedActivation, StackedOptimizer
 from widedeep.config import TrainConfig
 from widedeep.model import linear_layers
@@ -70,6 +70,7 @@ class Trainer:
         self.opt = StackedOptimizer(configs, self.flat)
         self.batch_size = configs[0].batch_size
         self.orders = {c.seed: torch.Generator().manual_seed(c.seed) for c in configs}
+        self.graph = None  # a captured full-batch step (CUDA only), see batched_cuda
 
     def losses(self, flat: torch.Tensor, data: Data, trace: list | None = None) -> torch.Tensor:
         """(K,) per-model mean loss on ``data``."""
@@ -86,6 +87,8 @@ class Trainer:
 
     def epoch(self, data: Data) -> torch.Tensor:
         """One epoch; returns (K,) epoch losses (batch losses weighted by batch size)."""
+        if self.graph is not None:
+            return self.graph()
         if self.batch_size is None or self.batch_size >= data.n:
             return self.step(data)
         # NOTE: the plain loop's order: one generator per seed, randperm(n) each epoch.
@@ -152,14 +155,18 @@ class Book:
 
 
 def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[TrainConfig],
-                *, vals: list[Split] | None = None) -> tuple[list[FitResult], list[ProbeRecords]]:
+                *, vals: list[Split] | None = None, cuda_graphs: bool = True,
+                ) -> tuple[list[FitResult], list[ProbeRecords]]:
     """Train ``models`` (one group, see ``batched.group_key``) together, in place.
 
     Model k sees ``trains[k]`` (all with the same number of rows) and ``configs[k]``; returns
-    what ``fit`` and a ``ProbeCallback`` would have recorded for each model on its own.
+    what ``fit`` and a ``ProbeCallback`` would have recorded for each model on its own. On
+    CUDA, full-batch steps replay a captured CUDA graph unless ``cuda_graphs`` is False.
     """
     trainer = Trainer(models, configs)
     data = stack_data(trains)
+    if cuda_graphs and batched_cuda.can_capture(trainer, data):
+        trainer.graph = batched_cuda.capture_step(trainer, data)
     val = stack_data(vals) if vals is not None else None
     book = Book(trainer.flat, configs[0].patience)
     probes = {0: probe_all(trainer, trainer.flat, data)}
