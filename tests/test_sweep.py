@@ -120,6 +120,7 @@ def lecture_file(name, **kwargs) -> dict:
     return tiny(name, dataset="diabetes", split="none", **kwargs)
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_worker_and_run_each_trial_once(url, diabetes_dir):
     one = sweep.spec_from_dict(lecture_file("one"))
     two = sweep.spec_from_dict(lecture_file("two"))
@@ -225,6 +226,7 @@ def _wait_for(url: str, name: str, proc, done: int, running: int, timeout: float
     pytest.fail(f"worker did not reach {done} done trials: {proc.poll()=}")
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_nothing_and_duplicates_nothing(tmp_path, url, diabetes_dir):
     d = lecture_file("killed", epochs=100, grid={"activation": ["relu", "tanh"]})
     d["fixed"].update(depth=6, width=64)
@@ -245,6 +247,7 @@ def test_killed_worker_loses_nothing_and_duplicates_nothing(tmp_path, url, diabe
     assert sorted(r["attempts"] for r in rows) == [1, 1, 2, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_postgres_two_worker_processes_share_one_study(tmp_path, diabetes_dir):
     pg = os.environ.get("WIDEDEEP_TEST_POSTGRES_URL")

@@ -14,7 +14,9 @@ import sys
 from widedeep.errors import UserError
 
 # Subcommands that live in their own modules: each exposes add_arguments(parser) and run(args).
-SUBCOMMANDS: dict[str, str] = {"sweep": "widedeep.sweep_cli", "report": "widedeep.report_cli"}
+SUBCOMMANDS: dict[str, str] = {
+    "sweep": "widedeep.sweep_cli", "search": "widedeep.search_cli", "report": "widedeep.report_cli",
+}
 
 
 class _Parser(argparse.ArgumentParser):

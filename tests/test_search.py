@@ -1,0 +1,98 @@
+"""The exercise 7-1 search: beats the majority class, baselines on the nets' folds, resumable."""
+
+import os
+
+import pytest
+
+from widedeep import data, search
+from widedeep.baselines import fold_digest
+from widedeep.cli import build_parser, main, options_from_args
+from widedeep.config import make_config
+from widedeep.errors import UserError
+
+pytestmark = pytest.mark.slow  # one small search (about 10 s) shared by the module
+
+BUDGET = dict(dataset="diabetes", split="cv:3", seed=0, trials=3, max_depth=12, max_epochs=15)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One small search, shared by the tests below; records the folds the nets trained on."""
+    if not os.environ.get("WIDEDEEP_DATA"):
+        pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
+    url = f"sqlite:///{tmp_path_factory.mktemp('search')}/search.sqlite3"
+    used, real = [], data.make_folds
+
+    def spy(y, split, **kwargs):
+        folds = real(y, split, **kwargs)
+        if split == BUDGET["split"]:
+            used.append(fold_digest(folds))
+        return folds
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data, "make_folds", spy)
+    try:
+        results = search.run_search(study="t", storage=url, **BUDGET)
+    finally:
+        mp.undo()
+    return url, results, used
+
+
+def test_search_beats_the_majority_class(searched):
+    _, r, _ = searched
+    majority = next(b for b in r["baselines"] if b["name"] == "majority")
+    assert r["n_trials"] == 3 and len(r["leaderboard"]) == 3
+    assert r["best"]["test_loss"] < majority["test_loss"] - 0.05
+    losses = [e["test_loss"] for e in r["leaderboard"]]
+    assert losses == sorted(losses) and r["best"]["test_loss_std"] is not None
+
+
+def test_baselines_come_from_the_nets_folds(searched):
+    _, r, used = searched
+    assert {b["name"] for b in r["baselines"]} == {
+        "majority", "logistic_regression", "sklearn_mlp", "hist_gradient_boosting"}
+    assert len(used) >= 1 + 3 and set(used) == {r["fold_digest"]}  # baselines + 3 nets
+    ds = data.load_dataset("diabetes")
+    assert r["fold_digest"] == fold_digest(data.make_folds(ds.y, "cv:3", seed=0))
+
+
+def test_best_command_rebuilds_the_best_config(searched):
+    _, r, _ = searched
+    argv = r["best"]["command"].split()
+    assert argv[:2] == ["widedeep", "train"]
+    rebuilt = make_config(**options_from_args(build_parser().parse_args(argv[1:])))
+    fixed = {k: BUDGET[k] for k in ("dataset", "split", "seed")}
+    assert rebuilt == make_config(**fixed, **r["best"]["options"])
+    deep = r["best_deep"]
+    assert deep is None or deep["depth"] > 10
+
+
+def test_resuming_a_finished_search_runs_nothing(searched):
+    url, r, _ = searched
+    again = search.run_search(study="t", storage=url, **BUDGET)
+    assert again["n_trials"] == 3 and again["leaderboard"] == r["leaderboard"]
+    with pytest.raises(UserError, match="other settings"):
+        search.run_search(study="t", storage=url, **{**BUDGET, "max_epochs": 20})
+
+
+def test_cli_prints_leaderboard_with_baselines(searched, capsys):
+    url, _, _ = searched
+    argv = ["search", "--study", "t", "--storage", url, "--split", "cv:3", "--trials", "3",
+            "--max-depth", "12", "--max-epochs", "15"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for words in ("CV log-loss", "baselines (same folds):", "majority", "best config:",
+                  "widedeep train --dataset diabetes", "best net deeper than 10 layers"):
+        assert words in out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--trials", "0"], "trials, workers, max_depth and max_epochs must be >= 1"),
+    (["--split", "cv:1"], "split must be"),
+])
+def test_bad_search_options_exit_2(argv, words, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.sqlite3"
+    assert main(["search", "--storage", url, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and words in err and "\n" not in err

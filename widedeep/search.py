@@ -1,0 +1,213 @@
+"""``widedeep search``: exercise 7-1, "find a better model", as an Optuna TPE search.
+
+Each trial trains one configuration under stratified cross-validation and reports its mean
+held-out log-loss; the study lives in Optuna storage, so a search resumes where it stopped
+and several processes (or machines) can share it. Baselines are measured once per study on
+the very folds the nets use (same dataset, split and seed). Killed workers' trials are
+failed through Optuna's heartbeat and do not block the study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+
+from widedeep.baselines import run_baselines
+from widedeep.config import INITS, NORMS, OPTIMIZERS, make_config
+from widedeep.errors import UserError
+from widedeep.run import run_many
+from widedeep.sweep_store import Store
+
+SETTINGS_ATTR, BASELINES_ATTR = "widedeep:search", "widedeep:baselines"
+DEFAULT_STORAGE = "sqlite:///results/search.sqlite3"
+ACTIVATIONS = ("relu", "leakyrelu", "elu", "selu", "gelu", "silu", "mish", "tanh",
+               "sigmoid", "softplus")
+WIDTHS = (8, 16, 32, 64, 128, 256)
+BATCH_SIZES = (32, 64, 128, "full")
+HEARTBEAT_S, GRACE_S = 10, 60
+
+
+def suggest(trial: optuna.Trial, *, max_depth: int = 32, max_epochs: int = 300) -> dict:
+    """Sample one configuration's options (the search space)."""
+    options = {
+        "arch": trial.suggest_categorical("arch", ["mlp", "widedeep"]),
+        "activation": trial.suggest_categorical("activation", list(ACTIVATIONS)),
+        "depth": trial.suggest_int("depth", 1, max_depth, log=True),
+        "width": trial.suggest_categorical("width", list(WIDTHS)),
+        "init": trial.suggest_categorical("init", list(INITS)),
+        "norm": trial.suggest_categorical("norm", list(NORMS)),
+        "residual": trial.suggest_categorical("residual", [False, True]),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+        "optimizer": trial.suggest_categorical("optimizer", list(OPTIMIZERS)),
+        "lr": trial.suggest_float("lr", 1e-4, 0.3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-7, 1e-2, log=True),
+        "batch_size": trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
+        "epochs": trial.suggest_int("epochs", min(10, max_epochs), max_epochs, log=True),
+        "patience": trial.suggest_int("patience", 3, 30, log=True),
+    }
+    if options["optimizer"] == "sgd":
+        options["momentum"] = trial.suggest_float("momentum", 0.0, 0.95)
+    return options
+
+
+def _open_storage(url: str) -> Store:
+    with warnings.catch_warnings():  # heartbeats are an experimental Optuna argument
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return Store(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+
+
+def _objective(settings: dict):
+    fixed = {"dataset": settings["dataset"], "split": settings["split"],
+             "seed": settings["seed"]}
+
+    def objective(trial: optuna.Trial) -> float:
+        options = suggest(trial, max_depth=settings["max_depth"],
+                          max_epochs=settings["max_epochs"])
+        summary = run_many([make_config(**fixed, **options)])[0].summary
+        trial.set_user_attr("options", options)
+        trial.set_user_attr("summary", summary)
+        loss = summary.get("test_loss")
+        return loss if loss is not None and math.isfinite(loss) else math.inf  # diverged
+
+    return objective
+
+
+def prepare(study_name: str, url: str, settings: dict) -> None:
+    """Create the study (or check its settings) and measure the baselines once."""
+    from widedeep.data import list_datasets, parse_split
+
+    if settings["dataset"] not in list_datasets():
+        raise UserError(f"unknown dataset {settings['dataset']!r}; known: "
+                        f"{', '.join(list_datasets())}")
+    parse_split(settings["split"])
+    make_config(dataset=settings["dataset"], split=settings["split"], seed=settings["seed"])
+    with _open_storage(url) as store:
+        study = store.study(study_name, create=True, direction="minimize")
+        saved = study.user_attrs.get(SETTINGS_ATTR)
+        if saved is not None and saved != settings:
+            raise UserError(f"study {study_name!r} in {url} was run with other settings "
+                            f"{saved}; use another --study name")
+        if saved is None:
+            study.set_user_attr(SETTINGS_ATTR, settings)
+        if BASELINES_ATTR not in study.user_attrs:
+            study.set_user_attr(BASELINES_ATTR, run_baselines(
+                settings["dataset"], settings["split"], seed=settings["seed"]))
+
+
+def work(study_name: str, url: str, *, trials: int, timeout: float | None,
+         worker: int = 0, threads: int | None = None) -> None:
+    """Run trials until the study has ``trials`` finished ones (or ``timeout`` passes)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with _open_storage(url) as store:
+        settings = store.study(study_name).user_attrs[SETTINGS_ATTR]
+        sampler = optuna.samplers.TPESampler(seed=settings["seed"] * 1000 + worker)
+        study = store.study(study_name, sampler=sampler)
+        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        if done >= trials:
+            return
+        stop = optuna.study.MaxTrialsCallback(trials)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(_objective(settings), n_trials=trials - done, timeout=timeout,
+                           callbacks=[stop], catch=(Exception,))
+
+
+def run_search(*, study: str | None = None, dataset: str = "diabetes", split: str = "cv:5",
+               seed: int = 0, trials: int = 50, timeout: float | None = None,
+               storage: str | None = None, workers: int = 1, max_depth: int = 32,
+               max_epochs: int = 300) -> dict:
+    """Run (or resume) a search; returns :func:`search_results`."""
+    if trials < 1 or workers < 1 or max_depth < 1 or max_epochs < 1:
+        raise UserError(f"trials, workers, max_depth and max_epochs must be >= 1, got "
+                        f"{trials=}, {workers=}, {max_depth=}, {max_epochs=}")
+    if storage is None:
+        Path("results").mkdir(exist_ok=True)
+    url = storage or DEFAULT_STORAGE
+    name = study or f"search-{dataset}-{split.replace(':', '')}-seed{seed}"
+    settings = {"dataset": dataset, "split": split, "seed": seed, "max_depth": max_depth,
+                "max_epochs": max_epochs}
+    prepare(name, url, settings)
+    if workers == 1:
+        work(name, url, trials=trials, timeout=timeout)
+    else:
+        _spawn(name, url, trials=trials, timeout=timeout, workers=workers)
+    return search_results(name, url)
+
+
+def _spawn(name: str, url: str, *, workers: int, **job) -> None:
+    """``workers`` processes of this module, one torch thread each."""
+    procs = [subprocess.Popen([sys.executable, "-m", __name__, json.dumps(
+        dict(study_name=name, url=url, worker=i, threads=1, **job))]) for i in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.wait(timeout=30)  # on Ctrl-C they finish their trial's bookkeeping
+    if any(codes):
+        raise UserError(f"search worker(s) exited with status {codes}; see the messages above")
+
+
+def train_command(options: dict, settings: dict) -> str:
+    """The ``widedeep train`` command line that reproduces one trial."""
+    args = ["widedeep", "train", "--dataset", settings["dataset"], "--split",
+            settings["split"], "--seed", str(settings["seed"])]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        else:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return " ".join(args)
+
+
+def _entry(trial, settings: dict) -> dict:
+    s, options = trial.user_attrs["summary"], trial.user_attrs["options"]
+    keys = ("test_loss", "test_accuracy", "test_auc")
+    return {"number": trial.number, "value": trial.value, "options": options,
+            "depth": options["depth"], "diverged": s.get("diverged", False),
+            **{k: s.get(k) for k in keys}, **{f"{k}_std": s.get(f"{k}_std") for k in keys},
+            "command": train_command(options, settings)}
+
+
+def search_results(study_name: str, storage: str, *, top: int = 10) -> dict:
+    """Leaderboard (best ``top`` by CV log-loss), best config and command, the best net
+    deeper than 10 layers, and the baselines on the same folds."""
+    with _open_storage(storage) as store:
+        study = store.study(study_name)
+        settings = study.user_attrs.get(SETTINGS_ATTR)
+        if settings is None:
+            raise UserError(f"study {study_name!r} in {storage} is not a widedeep search")
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        baselines = study.user_attrs.get(BASELINES_ATTR, {})
+    ranked = [_entry(t, settings) for t in sorted(done, key=lambda t: t.value)]
+    deep = [e for e in ranked if e["depth"] > 10]
+    return {"study": study_name, "storage": storage, **settings, "n_trials": len(done),
+            "leaderboard": ranked[:top], "best": ranked[0] if ranked else None,
+            "best_deep": deep[0] if deep else None,
+            "baselines": baselines.get("baselines", []),
+            "fold_digest": baselines.get("fold_digest")}
+
+
+def _worker_main(argv: list[str]) -> int:
+    """Entry point of a worker process: ``python -m widedeep.search JOB_JSON``."""
+    job = json.loads(argv[0])
+    try:
+        work(job.pop("study_name"), job.pop("url"), **job)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
