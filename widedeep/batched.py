@@ -136,7 +136,8 @@ def _linear(W: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """W (K, out, in), b (K, out, 1), h (in, n) shared or (K, in, n) -> (K, out, n)."""
     if h.dim() == 2:
         K, out, n_in = W.shape
-        return (W.reshape(K * out, n_in) @ h).view(K, out, -1) + b  # one GEMM for all K
+        bias = b.reshape(K * out, 1)  # one GEMM for all K, bias added by addmm
+        return torch.addmm(bias, W.reshape(K * out, n_in), h).view(K, out, -1)
     return torch.baddbmm(b, W, h)
 
 
@@ -168,11 +169,11 @@ def forward(layout: Layout, flat: torch.Tensor, X: torch.Tensor, act: StackedAct
 def per_model_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(K,) mean loss of each model: logits (K, n_out, n), labels (n,) or (K, n)."""
     K, n_out, n = logits.shape
-    y = y.expand(K, n)
     if n_out == 1:  # two classes: BCE with logits on the single logit
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(),
+        target = y.to(logits.dtype).expand(K, n)  # convert before expanding: no (K, n) copy
+        return F.binary_cross_entropy_with_logits(logits[:, 0], target,
                                                   reduction="none").mean(1)
-    return F.cross_entropy(logits, y, reduction="none").mean(1)
+    return F.cross_entropy(logits, y.expand(K, n), reduction="none").mean(1)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
