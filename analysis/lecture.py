@@ -45,15 +45,19 @@ def runs_table(df: pd.DataFrame, long_epochs: int) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _curves(records: list[dict], epochs: int) -> list[tuple[int, list[float]]]:
-    return [(r["seed"], [h["train_loss"] for h in r["history"]])
+def _curves(records: list[dict], epochs: int) -> list[tuple[int, list[float], int | None]]:
+    """(seed, training loss per epoch, epoch it left the plateau) of each run."""
+    return [(r["seed"], [h["train_loss"] for h in r["history"]],
+             r["summary"]["epochs_to_leave_plateau"])
             for r in records if r["point"]["epochs"] == epochs]
 
 
 def _curve_figure(ctx: Context, curves, base: float, name: str, title: str, log_x: bool):
     fig, ax = plots.new_figure()
-    for seed, losses in curves:
-        ax.plot(range(1, len(losses) + 1), losses, linewidth=1.2, label=f"seed {seed}")
+    for seed, losses, left in curves:
+        line, = ax.plot(range(1, len(losses) + 1), losses, linewidth=1.2, label=f"seed {seed}")
+        if left is not None and log_x:  # mark where the run leaves the plateau
+            ax.plot(left, losses[left - 1], "o", color=line.get_color(), markersize=5)
     plots.base_rate_line(ax, base, "base-rate loss = prior entropy")
     if log_x:
         ax.set_xscale("log")
@@ -112,7 +116,7 @@ def render(ctx: Context) -> str:
         _explain(table, share, entropy, long_epochs,
                  float(df[df["epochs"] == LECTURE_EPOCHS]["grad_ratio_init"].median())),
         _curve_figure(ctx, _curves(records, long_epochs), base, "lecture_plateau",
-                      f"Lecture net trained {long_epochs} epochs: leaving the plateau",
+                      f"Lecture net trained {long_epochs} epochs: leaving the plateau (dots)",
                       log_x=True),
         ctx.table("lecture_runs", table, "Per seed"),
     ]

@@ -36,6 +36,9 @@ class Profile:
     # 5. the exercise-7-1 search
     search_trials: int = 30
     search_split: str = "cv:5"
+    search_max_depth: int = 32
+    search_max_epochs: int = 100
+    search_timeout_s: float | None = 240.0  # a safety net: the trial count should bind first
     # 4./6. other datasets
     datasets: tuple[str, ...] = ("breast_cancer", "wine", "iris", "digits")
     multiclass: tuple[str, ...] = ("digits", "wine")
@@ -55,9 +58,9 @@ PROFILES: dict[str, Profile] = {
         name="tiny", plateau_epochs=60, plateau_seeds=2,
         activations=("relu", "sigmoid"), depths=(1, 2), widths=(8,), seeds=2, epochs=5,
         grad_depth=2, init_activations=("sigmoid", "relu"), inits=("default", "xavier"),
-        init_width=8, search_trials=3, search_split="holdout", datasets=("iris", "wine"),
-        multiclass=("iris",), ds_activations=("relu", "tanh"), ds_depths=(1, 2), ds_width=8,
-        ds_seeds=1,
+        init_width=8, search_trials=3, search_split="holdout", search_max_epochs=5,
+        datasets=("iris", "wine"), multiclass=("iris",), ds_activations=("relu", "tanh"),
+        ds_depths=(1, 2), ds_width=8, ds_seeds=1,
     ),
     "quick": Profile(
         name="quick", plateau_epochs=5000, plateau_seeds=5,
@@ -67,7 +70,8 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(
         name="full", plateau_epochs=20000, plateau_seeds=10,
         activations=None, depths=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48), widths=(6, 16, 64),
-        seeds=5, epochs=200, grad_depth=32, search_trials=200, ds_depths=(1, 2, 4, 8, 16),
+        seeds=5, epochs=200, grad_depth=32, search_trials=200, search_max_epochs=300,
+        search_timeout_s=None, ds_depths=(1, 2, 4, 8, 16),
         ds_activations=("relu", "tanh", "sigmoid", "selu", "gelu", "elu", "silu", "mish"),
         ds_seeds=5, ds_split="cv:5",
     ),

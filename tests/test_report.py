@@ -18,13 +18,13 @@ pytestmark = pytest.mark.slow
 
 TABLES = ["lecture_runs", "grid_final_loss", "grid_best", "grid_stuck_share",
           "grad_ratio_by_depth", "grad_layers_depth2", "init_compare", "confusion_per_class",
-          "confusion_per_class_all", "datasets_best", "datasets_all"]
+          "confusion_per_class_all", "datasets_best", "datasets_all", "leaderboard"]
 FIGURES = ["lecture_loss_curve", "lecture_plateau", "grid_test_loss_width8",
            "grid_test_accuracy_width8", "grid_train_loss_width8", "grad_ratio_vs_depth",
            "grad_layers_at_init_width8", "grad_layers_after_training_width8",
            "saturation_width8", "init_grad_layers", "confusion_diabetes_lecture",
            "confusion_diabetes_best", "confusion_diabetes_logreg", "confusion_iris_best",
-           "datasets_test_loss"]
+           "datasets_test_loss", "search_trials"]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,9 @@ def test_tables_hold_expected_rows_and_columns(report):
     assert set(diabetes["class"]) == {"diabetic", "not diabetic"}
     assert set(diabetes["model"]) >= {"lecture net (training rows)", "logistic regression"}
     assert len(_table(out, "datasets_best")) == 2
+    board = _table(out, "leaderboard")
+    assert {"baseline: majority", "baseline: logistic_regression"} <= set(board["model"])
+    assert board["model"].str.startswith("net #").sum() >= 1
     layers = _table(out, "grad_layers_depth2")
     assert sorted(layers["layer"].unique()) == [1, 2, 3]  # two hidden layers + output
 
