@@ -137,3 +137,16 @@ def test_console_entry_point_exits_2_without_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr == "error: depth must be >= 1, got depth=-1\n"
+
+
+def test_engine_flag_is_honoured(capsys):
+    argv = ["train", "--dataset", "iris", "--epochs", "4", "--json"]
+    code, out, _ = run_cli(capsys, *argv, "--engine", "batched")
+    batched = json.loads(out)
+    code2, out, _ = run_cli(capsys, *argv, "--engine", "plain")
+    plain = json.loads(out)
+    assert (code, code2) == (0, 0)
+    assert (batched["engine"], plain["engine"]) == ("batched", "plain")
+    assert batched["final_train_loss"] == pytest.approx(plain["final_train_loss"], rel=1e-5)
+    code, _, err = run_cli(capsys, *argv, "--engine", "batched", "--dropout", "0.1")
+    assert code == 2 and "engine batched cannot train" in err

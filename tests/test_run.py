@@ -166,3 +166,11 @@ def test_wide_and_deep_trains_end_to_end():
     s = run_experiment(make_config(dataset="breast_cancer", arch="widedeep", cross=True,
                                    optimizer="adam", lr=0.01, epochs=30)).summary
     assert s["arch"] == "widedeep" and s["test_accuracy"] > 0.9
+
+
+def test_divergence_with_early_stopping_keeps_history_aligned():
+    res = run_experiment(make_config(dataset="iris", activation="relu", lr=1e6, epochs=50,
+                                     widths=(64, 64), patience=5))
+    assert res.summary["diverged"]
+    assert len(res.history) == res.summary["epochs_run"]
+    assert res.history[-1]["val_loss"] is None

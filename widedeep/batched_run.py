@@ -13,15 +13,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from widedeep import batched, data, metrics, run
+from widedeep import batched, data, run
 from widedeep.batched_fit import fit_batched
 from widedeep.config import TrainConfig
 from widedeep.errors import UserError
-from widedeep.model import build_model
-from widedeep.train import Split, predict_logits
+from widedeep.train import Split
 
 CHUNK_BYTES = 8 * 2**20  # activations of one stack; bounds K so a stack stays cache-sized
 
@@ -32,10 +30,16 @@ class Task:
 
     config: TrainConfig
     fold: int
-    train: Split
-    val: Split | None
-    test: Split
+    data: run.FoldData
     model: torch.nn.Module
+
+    @property
+    def train(self) -> Split:
+        return self.data.train
+
+    @property
+    def val(self) -> Split | None:
+        return self.data.val
 
 
 def plan(configs: list[TrainConfig]) -> list[str | None]:
@@ -114,22 +118,9 @@ def stack_threads(config: TrainConfig, ds: data.Dataset, k: int) -> int:
 
 
 def _task(config: TrainConfig, ds: data.Dataset, fold: data.Fold, k: int, device) -> Task:
-    """The rows and model ``run._run_fold`` would use for this fold (same seeds, same order)."""
-    X = ds.X
-    if config.standardize:
-        X_train, X_test = data.standardize(ds.X[fold.train], ds.X[fold.test])
-        X = np.empty_like(ds.X)
-        X[fold.train], X[fold.test] = X_train, X_test
-    train_idx, val = fold.train, None
-    if config.patience:
-        inner = data.make_folds(ds.y[fold.train], "holdout", test_size=run.VAL_FRACTION,
-                                seed=config.seed)[0]
-        train_idx = fold.train[inner.train]
-        val = run._tensors(ds, fold.train[inner.test], device, X)
-    train = run._tensors(ds, train_idx, device, X)
-    torch.manual_seed(config.seed)
-    model = build_model(config, ds.n_features, ds.n_classes).to(device)
-    return Task(config, k, train, val, run._tensors(ds, fold.test, device, X), model)
+    """The rows and model the plain loop would use for this fold (same seeds, same order)."""
+    return Task(config, k, run.fold_data(config, ds, fold, device),
+                run.fresh_model(config, ds, device))
 
 
 def _stacks(tasks: list[Task]) -> list[list[Task]]:
@@ -154,21 +145,8 @@ def chunk_size(config: TrainConfig, n: int) -> int:
 def _result(config: TrainConfig, ds: data.Dataset, folds, fitted: list, device,
             seconds: float) -> run.RunResult:
     """The RunResult ``run.run_experiment`` builds, from the batched fits of its folds."""
-    per_fold, history, probes = [], [], []
-    for k, (task, fit_result, prober) in enumerate(fitted):
-        report = metrics.classification_report(predict_logits(task.model, task.test.X),
-                                               task.test.y, ds.class_names)
-        base = metrics.base_rate_loss(task.train.y, ds.n_classes)
-        if fit_result.diverged:  # as run._run_fold: a NaN model's predictions mean nothing
-            report |= {"loss": None, "accuracy": None, "auc": None}
-        per_fold.append(run._fold_summary(fit_result, report, base, prober))
-        history += [
-            {"fold": k, "epoch": e, "train_loss": loss,
-             "val_loss": fit_result.val_loss[e - 1] if e <= len(fit_result.val_loss) else None}
-            for e, loss in enumerate(fit_result.train_loss, start=1)
-        ]
-        probes += [{"fold": k} | row for row in prober.rows]
-    summary = run._summarise(config, ds, folds, per_fold, device)
-    summary.update(engine="batched", engine_reason=None, seconds=seconds)
-    return run.RunResult(summary=run._finite(summary), history=run._finite(history),
-                         probes=run._finite(probes))
+    fits = [run.FoldFit(data=task.data, model=task.model, fit=fit_result, prober=prober)
+            for task, fit_result, prober in fitted]
+    result = run.assemble(config, ds, folds, fits, device)
+    result.summary.update(engine="batched", engine_reason=None, seconds=seconds)
+    return result

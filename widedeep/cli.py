@@ -86,10 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from widedeep.config import make_config
     from widedeep.env import environment
     from widedeep.records import write_run_folder
-    from widedeep.run import resolve_device, run_experiment
+    from widedeep.run import resolve_device, run_many
 
     config = make_config(**options_from_args(args))
-    result = run_experiment(config, progress=not args.quiet and sys.stderr.isatty())
+    # run_many honours --engine: batched where forced (and possible), else the plain loop
+    result = run_many([config], progress=not args.quiet and sys.stderr.isatty())[0]
     if args.out:
         write_run_folder(args.out, config=config.to_dict(), summary=result.summary,
                          history=result.history, probes=result.probes,

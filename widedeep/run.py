@@ -93,25 +93,16 @@ def epochs_to_leave_plateau(train_loss: list[float], base_rate: float) -> int | 
 
 def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
                    progress: bool = False) -> RunResult:
-    """Train and evaluate ``config`` on every fold of its split."""
+    """Train and evaluate ``config`` on every fold of its split (the plain loop)."""
     start = time.perf_counter()
     device = resolve_device(config.device)
     ds = dataset if dataset is not None else load_for(config)
     folds = data.make_folds(ds.y, config.split, test_size=config.test_size, seed=config.seed)
-    per_fold, history, probes = [], [], []
     with num_threads(resolve_threads(config, ds)):
-        for k, fold in enumerate(folds):
-            fold_summary, fit_result, probe_rows = _run_fold(config, ds, fold, device, progress)
-            per_fold.append(fold_summary)
-            history += [
-                {"fold": k, "epoch": e, "train_loss": loss,
-                 "val_loss": fit_result.val_loss[e - 1] if fit_result.val_loss else None}
-                for e, loss in enumerate(fit_result.train_loss, start=1)
-            ]
-            probes += [{"fold": k} | row for row in probe_rows]
-        summary = _summarise(config, ds, folds, per_fold, device)
-    summary["seconds"] = time.perf_counter() - start
-    return RunResult(summary=_finite(summary), history=_finite(history), probes=_finite(probes))
+        fits = [_fit_fold(config, ds, fold, device, progress) for fold in folds]
+        result = assemble(config, ds, folds, fits, device)
+    result.summary["seconds"] = time.perf_counter() - start
+    return result
 
 
 def run_many(configs: list[TrainConfig], *, progress: bool = False) -> list[RunResult]:
@@ -126,37 +117,84 @@ def run_many(configs: list[TrainConfig], *, progress: bool = False) -> list[RunR
     return batched_run.run_many(configs, progress=progress)
 
 
-def _tensors(ds: Dataset, idx: np.ndarray, device, X: np.ndarray) -> Split:
-    return Split(X=torch.as_tensor(X[idx], device=device),
-                 y=torch.as_tensor(ds.y[idx], device=device))
+@dataclass
+class FoldData:
+    """One fold's tensors on the device; ``val`` is the early-stopping split, if any."""
+
+    train: Split
+    val: Split | None
+    test: Split
 
 
-def _run_fold(config, ds: Dataset, fold: data.Fold, device, progress):
+@dataclass
+class FoldFit:
+    """A trained fold: its data, model, loss history and probe records."""
+
+    data: FoldData
+    model: torch.nn.Module
+    fit: FitResult
+    prober: ProbeCallback
+
+
+def fold_data(config: TrainConfig, ds: Dataset, fold: data.Fold, device) -> FoldData:
+    """Standardise on the fold's training rows, carve the validation split, move to device."""
     X = ds.X
     if config.standardize:
         X_train, X_test = data.standardize(ds.X[fold.train], ds.X[fold.test])
         X = np.empty_like(ds.X)
         X[fold.train], X[fold.test] = X_train, X_test  # split none: train == test rows
+
+    def tensors(idx: np.ndarray) -> Split:
+        return Split(X=torch.as_tensor(X[idx], device=device),
+                     y=torch.as_tensor(ds.y[idx], device=device))
+
     train_idx, val = fold.train, None
     if config.patience:
         inner = data.make_folds(ds.y[fold.train], "holdout", test_size=VAL_FRACTION,
                                 seed=config.seed)[0]
         train_idx = fold.train[inner.train]
-        val = _tensors(ds, fold.train[inner.test], device, X)
-    train = _tensors(ds, train_idx, device, X)
+        val = tensors(fold.train[inner.test])
+    return FoldData(train=tensors(train_idx), val=val, test=tensors(fold.test))
+
+
+def fresh_model(config: TrainConfig, ds: Dataset, device) -> torch.nn.Module:
+    """The seeded, initialised model of ``config`` (the same weights on every engine)."""
     torch.manual_seed(config.seed)
-    model = build_model(config, ds.n_features, ds.n_classes).to(device)
-    criterion = criterion_for(ds.n_classes)
-    prober = ProbeCallback(train.X, train.y, criterion, config.activation, config.probe_epochs)
-    result = fit(model, train, config, ds.n_classes, val=val, callbacks=(prober,),
+    return build_model(config, ds.n_features, ds.n_classes).to(device)
+
+
+def make_prober(config: TrainConfig, ds: Dataset, train: Split) -> ProbeCallback:
+    return ProbeCallback(train.X, train.y, criterion_for(ds.n_classes), config.activation,
+                         config.probe_epochs)
+
+
+def _fit_fold(config, ds: Dataset, fold: data.Fold, device, progress) -> FoldFit:
+    d = fold_data(config, ds, fold, device)
+    model = fresh_model(config, ds, device)
+    prober = make_prober(config, ds, d.train)
+    result = fit(model, d.train, config, ds.n_classes, val=d.val, callbacks=(prober,),
                  progress=progress)
-    test = _tensors(ds, fold.test, device, X)
-    report = metrics.classification_report(predict_logits(model, test.X), test.y,
-                                           ds.class_names)
-    base = metrics.base_rate_loss(train.y, ds.n_classes)
-    if result.diverged:  # a NaN model's predictions mean nothing: no test scores
-        report |= {"loss": None, "accuracy": None, "auc": None}
-    return _fold_summary(result, report, base, prober), result, prober.rows
+    return FoldFit(data=d, model=model, fit=result, prober=prober)
+
+
+def assemble(config: TrainConfig, ds: Dataset, folds: list[data.Fold], fits: list[FoldFit],
+             device) -> RunResult:
+    """Evaluate each trained fold on its test rows and build the run's records."""
+    per_fold, history, probes = [], [], []
+    for k, f in enumerate(fits):
+        report = metrics.classification_report(predict_logits(f.model, f.data.test.X),
+                                               f.data.test.y, ds.class_names)
+        if f.fit.diverged:  # a NaN model's predictions mean nothing: no test scores
+            report |= {"loss": None, "accuracy": None, "auc": None}
+        base = metrics.base_rate_loss(f.data.train.y, ds.n_classes)
+        per_fold.append(_fold_summary(f.fit, report, base, f.prober))
+        val = f.fit.val_loss
+        history += [{"fold": k, "epoch": e, "train_loss": loss,
+                     "val_loss": val[e - 1] if e <= len(val) else None}
+                    for e, loss in enumerate(f.fit.train_loss, start=1)]
+        probes += [{"fold": k} | row for row in f.prober.rows]
+    summary = _summarise(config, ds, folds, per_fold, device)
+    return RunResult(summary=_finite(summary), history=_finite(history), probes=_finite(probes))
 
 
 def _fold_summary(result: FitResult, report: dict, base: float, prober) -> dict:
