@@ -270,3 +270,23 @@ def test_postgres_two_worker_processes_share_one_study(tmp_path, diabetes_dir):
     assert here["done"] == 8 and here["ran_now"] >= 1 and there >= 1
     assert here["ran_now"] + there == 8
     assert_exactly_once(spec, pg)
+
+
+@pytest.mark.parametrize("n", [3, 40_000])
+def test_blobs_round_trip_inline_and_in_chunks(tmp_path, n):
+    import random
+
+    import optuna
+
+    from widedeep.sweep_store import CHUNK_CHARS, get_blob, put_blob
+
+    rng = random.Random(0)
+    obj = [{"epoch": i, "loss": rng.random()} for i in range(n)]
+    storage = optuna.storages.InMemoryStorage()
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
+    trial_id = storage.create_new_trial(study_id)
+    put_blob(storage, trial_id, "history", obj)
+    attrs = storage.get_trial(trial_id).user_attrs
+    assert get_blob(attrs, "history") == obj
+    assert all(len(str(v)) <= CHUNK_CHARS + 100 for v in attrs.values())
+    assert (len(attrs) == 1) == (n == 3)
