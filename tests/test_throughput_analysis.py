@@ -1,0 +1,119 @@
+"""analysis.throughput on a real (tiny) benchmark run: tables, valid PNGs, numbers that match
+the JSON. The run is made by pytest-benchmark in a child process, not typed by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from analysis.throughput import build
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory) -> Path:
+    """A timed run of a few quick CPU cases (two depths, two widths, peak) as JSON."""
+    folder = tmp_path_factory.mktemp("bench")
+    report = folder / "cpu.json"
+    env = dict(os.environ, WIDEDEEP_DATA=os.environ.get("WIDEDEEP_DATA") or str(folder))
+    cmd = [sys.executable, "-m", "pytest", "bench/", "-p", "no:cacheprovider", "-q",
+           "-m", "quick", "-k", "cpu and (peak or d1-w8 or d1-w64 or d4-w8 or d4-w64)",
+           "--benchmark-max-time=0.02", "--benchmark-min-rounds=2",
+           f"--benchmark-json={report}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return report
+
+
+def results_with(tmp_path: Path, *runs: tuple[str, dict]) -> Path:
+    """A results/ folder whose benchmarks/ holds the given (file name, JSON) runs."""
+    bench = tmp_path / "results" / "benchmarks"
+    bench.mkdir(parents=True)
+    for name, run in runs:
+        (bench / name).write_text(json.dumps(run))
+    return tmp_path / "results"
+
+
+def as_cuda(run: dict, factor: float) -> dict:
+    """The same run relabelled as CUDA with every throughput ``factor`` times higher."""
+    run = json.loads(json.dumps(run))
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        info["device"] = bench["params"]["device"] = "cuda"
+        for key in ("samples_per_s", "gflops_per_s"):
+            if info.get(key) is not None:
+                info[key] *= factor
+    return run
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert height > 100 and width > 100
+
+
+def test_cpu_only_tables_figures_and_note(cpu_run, tmp_path):
+    run = json.loads(cpu_run.read_text())
+    out = build(results_with(tmp_path, ("cpu-quick.json", run)))
+    names = {Path(p).name for p in out["tables"] + out["figures"]}
+    assert {"throughput.csv", "throughput.md", "throughput_samples_vs_width.png",
+            "throughput_fraction_of_peak.png"} <= names
+    assert "throughput_speedup.png" not in names
+    for path in out["figures"]:
+        assert_png(Path(path))
+    assert any("No CUDA benchmark results" in n and "GPU machine" in n for n in out["notes"])
+    assert out["machines"][0]["label"] == run["machine_info"]["machine_label"]
+
+
+def test_table_numbers_equal_the_json(cpu_run, tmp_path):
+    run = json.loads(cpu_run.read_text())
+    out = build(results_with(tmp_path, ("cpu-quick.json", run)))
+    table = pd.read_csv(next(p for p in out["tables"] if Path(p).name == "throughput.csv"))
+    peak = next(b for b in run["benchmarks"] if b["extra_info"]["kind"] == "peak")
+    step = next(b for b in run["benchmarks"] if b["name"] == "test_step[d4-w64-bfull-cpu]")
+    row = table.set_index("name").loc[step["name"]]
+    assert row["samples_per_s"] == step["extra_info"]["samples_per_s"]
+    assert row["median_s"] == step["stats"]["median"]
+    expected = step["extra_info"]["gflops_per_s"] / peak["extra_info"]["gflops_per_s"]
+    assert row["fraction_of_peak"] == pytest.approx(expected, rel=1e-12)
+    md = next(Path(p) for p in out["tables"] if Path(p).name == "throughput.md").read_text()
+    assert f"{step['extra_info']['samples_per_s']:,.0f}" in md
+
+
+def test_speedup_heatmap_with_cuda_run(cpu_run, tmp_path):
+    run = json.loads(cpu_run.read_text())
+    out = build(results_with(tmp_path, ("cpu.json", run), ("cuda.json", as_cuda(run, 8.0))))
+    figures = {Path(p).name: Path(p) for p in out["figures"]}
+    assert_png(figures["throughput_speedup.png"])
+    assert not any("No CUDA" in n for n in out["notes"])
+    speedup = pd.read_csv(next(p for p in out["tables"] if Path(p).name.endswith("speedup.csv")))
+    assert speedup["speedup"].to_numpy() == pytest.approx(8.0)
+    assert set(zip(speedup["depth"], speedup["width"], strict=True)) == {
+        (1, 8), (1, 64), (4, 8), (4, 64)}
+
+
+def test_no_json_gives_a_note(tmp_path):
+    out = build(tmp_path / "results")
+    assert out["tables"] == [] and out["figures"] == []
+    assert "No benchmark JSON" in out["notes"][0]
+
+
+def test_cli_writes_into_the_results_folder(cpu_run, tmp_path):
+    results = results_with(tmp_path, ("cpu.json", json.loads(cpu_run.read_text())))
+    shutil.rmtree(results / "tables", ignore_errors=True)
+    from analysis.throughput import main
+
+    assert main([str(results)]) == 0
+    assert (results / "tables" / "throughput.csv").is_file()
