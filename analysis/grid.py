@@ -15,6 +15,7 @@ METRICS = {  # summary key -> (column stem, colour-bar label)
     "test_accuracy": ("test_accuracy", "held-out accuracy"),
     "final_train_loss": ("train_loss", "final training loss (nats)"),
 }
+LOSS_CAP = 10.0  # nats: colour-scale top; a near-diverged net can reach 1e21
 STUCK_MARGIN = 0.01  # same margin as the run's "left the plateau" test
 
 
@@ -58,8 +59,11 @@ def _heatmap(ctx: Context, agg: pd.DataFrame, width: int, key: str) -> str:
     stem, label = METRICS[key]
     table = pivot(agg, width, f"{stem}_mean")
     fig, ax = plots.new_figure(7.5, 0.32 * len(table) + 2.0)
-    cmap = "viridis" if key == "test_accuracy" else "viridis_r"  # bright = good
-    plots.heatmap(ax, table, cbar_label=label + ", mean over seeds", cmap=cmap)
+    loss = key != "test_accuracy"  # losses span decades (memorised vs diverging nets)
+    suffix = f", log, capped at {LOSS_CAP:g}" if loss else ""
+    plots.heatmap(ax, table, cbar_label=f"{label}, mean over seeds{suffix}",
+                  cmap="viridis_r" if loss else "viridis", log=loss, cap=LOSS_CAP,
+                  fmt=".2g" if loss else ".2f")  # bright = good
     ax.set_xlabel("depth (hidden layers)")
     ax.set_ylabel("activation")
     return ctx.figure(f"grid_{stem}_width{width}", fig,

@@ -95,10 +95,9 @@ def _figure(ctx: Context, found: dict) -> str:
     for b, style in zip(found["baselines"], ["--", ":", "-.", (0, (5, 1))], strict=False):
         ax.axhline(b["test_loss"], color="black", linestyle=style, linewidth=1,
                    label=f"{b['name']} {b['test_loss']:.3f}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    plots.log2_depth_axis(ax, [2**k for k in range(found["max_depth"].bit_length())])
     ax.set_xlabel("depth (hidden layers, log scale)")
-    ax.set_ylabel(f"mean {found['split']} log-loss (nats, log scale)")
+    ax.set_ylabel(f"mean {found['split']} log-loss (nats)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ctx.figure("search_trials", fig,
                       f"Search on diabetes: {found['n_trials']} trials vs baselines")

@@ -42,19 +42,22 @@ def save(fig, path: Path, title: str | None = None) -> Path:
 
 
 def heatmap(ax, table: pd.DataFrame, *, cbar_label: str, log: bool = False,
-            annot: bool = True, fmt: str = ".2f", cmap: str = "viridis", **kwargs):
+            annot: bool = True, fmt: str = ".2f", cmap: str = "viridis",
+            cap: float | None = None, **kwargs):
     """Draw ``table`` (rows x columns) as a heatmap; ``log`` uses a log colour scale.
 
     NaN cells (diverged runs, missing layers) stay blank. With a log scale, non-positive
-    values are masked too: a log colour scale cannot show them.
+    values are masked too: a log colour scale cannot show them. ``cap`` tops the colour
+    scale, so one near-diverged cell does not wash out the rest (its annotation stays exact).
     """
     values = table.astype(float) if log or fmt != "d" else table  # "d" needs integers
     norm = None
     if log:
         positive = values.where(values > 0)
         if positive.notna().any().any():
+            top = float(np.nanmax(positive.values))
             norm = LogNorm(vmin=float(np.nanmin(positive.values)),
-                           vmax=float(np.nanmax(positive.values)))
+                           vmax=min(top, cap) if cap else top)
         values = positive
     annot_ok = annot and values.size <= 400  # bigger grids turn into unreadable text
     sns.heatmap(values, ax=ax, norm=norm, annot=annot_ok, fmt=fmt, cmap=cmap,

@@ -148,3 +148,34 @@ def test_rerun_trains_nothing(report):
 def test_contradictory_profile_is_a_user_error(capsys):
     assert main(["report", "--full", "--profile", "tiny"]) == 2
     assert "error: --full contradicts --profile tiny" in capsys.readouterr().err
+
+
+def _context(out: Path):
+    from analysis.context import Context
+    from analysis.profiles import get_profile
+
+    return Context(profile=get_profile("tiny"), out=out, storage="sqlite://", progress=False)
+
+
+def test_throughput_section_says_how_to_produce_missing_records(tmp_path):
+    from analysis import throughput_section
+
+    text = throughput_section.render(_context(tmp_path))
+    assert text.startswith("## 7. Throughput")
+    assert "pytest bench/" in text
+
+
+def test_throughput_section_embeds_benchmark_figures_and_machines(tmp_path):
+    from analysis import throughput_section
+
+    source = Path(__file__).resolve().parents[1] / "results" / "benchmarks"
+    runs = sorted(source.glob("*.json"))
+    if not runs:
+        pytest.skip("no benchmark JSON committed under results/benchmarks")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / runs[0].name).write_bytes(runs[0].read_bytes())
+    text = throughput_section.render(_context(tmp_path))
+    machine = json.loads(runs[0].read_text())["machine_info"]
+    assert (machine.get("cuda_device") or machine.get("cpu_model")) in text
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        assert (tmp_path / link).is_file(), link
