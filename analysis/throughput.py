@@ -61,6 +61,8 @@ def _row(bench: dict, machine: dict) -> dict:
         "samples_per_s_best": samples / bench["stats"]["min"] if samples else None,
         "flops_per_step": flops,
         "gflops_per_s": extra.get("gflops_per_s", flops / median / 1e9 if flops else None),
+        "models": extra.get("models", 1),
+        "threads": extra.get("threads", machine["threads"]),
         "machine": machine["label"],
         "file": machine["file"],
         "datetime": machine["datetime"],
@@ -87,7 +89,7 @@ def load(bench_dir: Path) -> tuple[pd.DataFrame, list[dict]]:
     if not frames:
         return pd.DataFrame(columns=["name", *KEYS]), machines
     data = pd.concat(frames, ignore_index=True).sort_values("datetime")
-    data = data.drop_duplicates(subset=KEYS, keep="last")
+    data = data.drop_duplicates(subset=["name", "device"], keep="last")
     return data.sort_values(KEYS, na_position="first").reset_index(drop=True), machines
 
 
@@ -113,6 +115,34 @@ def speedup(data: pd.DataFrame) -> pd.DataFrame:
     table["speedup"] = table["cuda"] / table["cpu"]
     return table.dropna(subset=["speedup"]).reset_index()[["depth", "width", "cpu", "cuda",
                                                            "speedup"]]
+
+
+ENGINE_KINDS = {"lecture": "the lecture's own loop", "library-lecture": "widedeep plain loop",
+                "sklearn": "scikit-learn MLPClassifier", "plain": "widedeep plain loop",
+                "batched": "widedeep batched engine"}
+
+
+def engines(data: pd.DataFrame) -> pd.DataFrame:
+    """Cost per model-epoch of the lecture-size references and the batched engine, with the
+    speedup over the plain loop measured on one thread in the same run."""
+    wide = data["name"].str.startswith("test_wide")  # wide nets: see wide_nets()
+    rows = data[data["kind"].isin(list(ENGINE_KINDS)) & ~wide].copy()
+    if rows.empty:
+        return rows
+    rows["what"] = rows["kind"].map(ENGINE_KINDS)
+    rows["us_per_model_epoch"] = rows["median_s"] * 1e6 / rows["models"].astype(float)
+    plain = rows.loc[rows["kind"] == "plain", "us_per_model_epoch"]
+    rows["speedup_vs_plain"] = plain.min() / rows["us_per_model_epoch"] if len(plain) else None
+    cols = ["name", "what", "models", "threads", "us_per_model_epoch", "speedup_vs_plain",
+            "fraction_of_peak", "file"]
+    return rows[cols].sort_values("us_per_model_epoch", ascending=False).reset_index(drop=True)
+
+
+def wide_nets(data: pd.DataFrame) -> pd.DataFrame:
+    """The batched engine on wide nets: achieved GFLOP/s as a fraction of the matmul peak."""
+    rows = data[data["name"].str.startswith("test_wide")]
+    return rows[["name", "models", "threads", "gflops_per_s", "peak_gflops_per_s",
+                 "fraction_of_peak", "file"]].reset_index(drop=True)
 
 
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -157,7 +187,24 @@ def write_tables(data: pd.DataFrame, machines: list[dict], tables: Path) -> list
         paths += [tables / "throughput_speedup.csv", tables / "throughput_speedup.md"]
         ratio.to_csv(paths[2], index=False)
         paths[3].write_text("# CUDA / CPU speedup, full batch\n\n" + markdown(ratio) + "\n")
+    cost = engines(data)
+    if not cost.empty:
+        csv_path, md_path = tables / "throughput_engines.csv", tables / "throughput_engines.md"
+        cost.to_csv(csv_path, index=False)
+        text = ENGINES_TITLE + "\n\n" + markdown(cost) + "\n"
+        wide = wide_nets(data)
+        if not wide.empty:
+            text += "\n" + WIDE_TITLE + "\n\n" + markdown(wide) + "\n"
+        md_path.write_text(text)
+        paths += [csv_path, md_path]
     return paths
+
+
+ENGINES_TITLE = ("Lecture-size nets (8-6-4-1 sigmoid, 759 rows, one full-batch epoch): "
+                 "µs per model-epoch (median), and speedup over widedeep's plain loop on one "
+                 "thread in the same run.")
+WIDE_TITLE = ("Wide nets (2 hidden layers of 512 or 1024 ReLU units, full batch) on the batched "
+              "engine: achieved GFLOP/s as a fraction of the run's float32 matmul peak.")
 
 
 # ------------------------------------------------------------------ figures

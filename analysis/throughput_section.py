@@ -47,6 +47,9 @@ def render(ctx: Context) -> str:
         parts.append("Machines: " + "; ".join(f"{m.get('label')} "
                                              f"({m.get('cuda_device') or m.get('cpu_model')})"
                                              for m in machines) + "\n")
+    engines = [p for p in built.get("tables", []) if Path(p).name == "throughput_engines.md"]
+    if engines:  # small enough to read inline: the engine comparison of issue 6
+        parts.append(Path(engines[0]).read_text())
     tables = [p for p in built.get("tables", []) if str(p).endswith(".md")]
     parts.append("Tables: " + ", ".join(f"[`{_link(p, ctx.out)}`]({_link(p, ctx.out)})"
                                         for p in tables) + "\n")

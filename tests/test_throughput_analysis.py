@@ -29,7 +29,8 @@ def cpu_run(tmp_path_factory) -> Path:
     report = folder / "cpu.json"
     env = dict(os.environ, WIDEDEEP_DATA=os.environ.get("WIDEDEEP_DATA") or str(folder))
     cmd = [sys.executable, "-m", "pytest", "bench/", "-p", "no:cacheprovider", "-q",
-           "-m", "quick", "-k", "cpu and (peak or d1-w8 or d1-w64 or d4-w8 or d4-w64)",
+           "-m", "quick", "-k", "cpu and (peak or d1-w8 or d1-w64 or d4-w8 or d4-w64)"
+           " or lecture_plain or lecture_batched",
            "--benchmark-max-time=0.02", "--benchmark-min-rounds=2",
            f"--benchmark-json={report}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -51,7 +52,9 @@ def as_cuda(run: dict, factor: float) -> dict:
     run = json.loads(json.dumps(run))
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
-        info["device"] = bench["params"]["device"] = "cuda"
+        info["device"] = "cuda"
+        if bench.get("params"):
+            bench["params"]["device"] = "cuda"
         for key in ("samples_per_s", "gflops_per_s"):
             if info.get(key) is not None:
                 info[key] *= factor
@@ -90,6 +93,21 @@ def test_table_numbers_equal_the_json(cpu_run, tmp_path):
     assert row["fraction_of_peak"] == pytest.approx(expected, rel=1e-12)
     md = next(Path(p) for p in out["tables"] if Path(p).name == "throughput.md").read_text()
     assert f"{step['extra_info']['samples_per_s']:,.0f}" in md
+
+
+def test_engine_table_compares_batched_with_plain_from_one_run(cpu_run, tmp_path):
+    run = json.loads(cpu_run.read_text())
+    out = build(results_with(tmp_path, ("cpu-quick.json", run)))
+    table = pd.read_csv(next(p for p in out["tables"]
+                             if Path(p).name == "throughput_engines.csv")).set_index("name")
+    by_name = {b["name"]: b for b in run["benchmarks"]}
+    plain = by_name["test_lecture_plain"]["stats"]["median"] * 1e6
+    batched = by_name["test_lecture_batched[64]"]
+    per_model = batched["stats"]["median"] * 1e6 / 64
+    row = table.loc["test_lecture_batched[64]"]
+    assert row["us_per_model_epoch"] == pytest.approx(per_model)
+    assert row["speedup_vs_plain"] == pytest.approx(plain / per_model)
+    assert table.loc["test_lecture_plain", "speedup_vs_plain"] == pytest.approx(1.0)
 
 
 def test_speedup_heatmap_with_cuda_run(cpu_run, tmp_path):

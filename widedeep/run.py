@@ -25,9 +25,10 @@ from widedeep.model import build_model
 from widedeep.probes import ProbeCallback, grad_ratio
 from widedeep.train import FitResult, Split, criterion_for, fit, predict_logits
 
-# NOTE: on small nets, intra-op threads cost far more than they save (measured on a 2-core
-# machine: a 100-epoch lecture run took 0.10 s on 1 thread, 0.5-0.8 s on 2), so nets under
-# this many FLOPs per step train on one thread unless --threads says otherwise.
+# NOTE: on small nets, intra-op threads save nothing and cost a lot on a busy machine (2-core
+# dev VM: a 100-epoch lecture run took 0.10 s on 1 thread; on 2 threads 0.11 s when idle but
+# 0.5-2.4 s while other processes ran), so nets under this many FLOPs per step train on one
+# thread unless --threads says otherwise.
 SMALL_STEP_FLOPS = 2e9
 PLATEAU_MARGIN = 0.01  # "left the plateau" = training loss below base-rate loss minus this
 VAL_FRACTION = 0.15  # share of the training rows held out for early stopping
