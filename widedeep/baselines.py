@@ -60,9 +60,11 @@ def _score(estimator, ds: data.Dataset, fold: data.Fold) -> dict:
         estimator.fit(X_train, ds.y[fold.train])
         probs[:, estimator.classes_] = estimator.predict_proba(X_test)
     probs, target = torch.as_tensor(probs), torch.as_tensor(ds.y[fold.test])
+    cm = metrics.confusion_matrix(probs.argmax(dim=1), target, ds.n_classes)
     return {"test_loss": metrics.log_loss(probs, target),
             "test_accuracy": metrics.accuracy(probs, target),
-            "test_auc": metrics.roc_auc(probs[:, 1], target) if ds.n_classes == 2 else None}
+            "test_auc": metrics.roc_auc(probs[:, 1], target) if ds.n_classes == 2 else None,
+            "confusion_matrix": cm.tolist()}
 
 
 def _mean_std(per_fold: list[dict]) -> dict:

@@ -93,7 +93,7 @@ def run_group(configs: list[TrainConfig]) -> list[run.RunResult]:
              for k, fold in enumerate(folds[id(c)])]
     fitted = {}
     for stack in _stacks(tasks):
-        with run.num_threads(stack_threads(config0, ds, len(stack))):
+        with run.num_threads(run.resolve_threads(config0, ds, models=len(stack))):
             results, probes = fit_batched([t.model for t in stack], [t.train for t in stack],
                                           [t.config for t in stack],
                                           vals=[t.val for t in stack] if config0.patience else None)
@@ -106,15 +106,6 @@ def run_group(configs: list[TrainConfig]) -> list[run.RunResult]:
     with run.num_threads(run.resolve_threads(config0, ds)):  # the summary records threads
         return [_result(c, ds, folds[id(c)], by_config[id(c)], device, seconds)
                 for c in configs]
-
-
-def stack_threads(config: TrainConfig, ds: data.Dataset, k: int) -> int:
-    """``run.resolve_threads`` for a stack: one thread unless K models' step is large."""
-    if config.threads is not None:
-        return config.threads
-    rows = config.batch_size or ds.n_rows
-    flops = k * run.step_flops(config, ds.n_features, ds.n_classes, rows)
-    return 1 if flops < run.SMALL_STEP_FLOPS else torch.get_num_threads()
 
 
 def _task(config: TrainConfig, ds: data.Dataset, fold: data.Fold, k: int, device) -> Task:

@@ -58,12 +58,13 @@ def step_flops(config: TrainConfig, n_features: int, n_out: int, n_rows: int) ->
     return 6.0 * n_rows * macs
 
 
-def resolve_threads(config: TrainConfig, ds: Dataset) -> int:
-    """config.threads, or 1 for small nets and torch's current setting for large ones."""
+def resolve_threads(config: TrainConfig, ds: Dataset, models: int = 1) -> int:
+    """config.threads, or 1 when a step of ``models`` such nets is small, else torch's
+    current setting."""
     if config.threads is not None:
         return config.threads
     rows = config.batch_size or ds.n_rows
-    small = step_flops(config, ds.n_features, ds.n_classes, rows) < SMALL_STEP_FLOPS
+    small = models * step_flops(config, ds.n_features, ds.n_classes, rows) < SMALL_STEP_FLOPS
     return 1 if small else torch.get_num_threads()
 
 
