@@ -66,6 +66,7 @@ BAD_INPUTS = [
     (["--batch-size", "big"], "'big'"),
     (["--lr", "0"], "lr out of range"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--csv", "x.csv", "--target", "y"], "give --dataset or --csv, not both"),
 ]
 
 

@@ -73,6 +73,9 @@ TRAIN_OPTION_DESTS = (
 
 def options_from_args(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in TRAIN_OPTION_DESTS}
+    if options["csv"] is not None and options["dataset"] is not None:
+        raise UserError(f"give --dataset or --csv, not both (got --dataset {options['dataset']}"
+                        f" and --csv {options['csv']})")
     bs = options["batch_size"]
     if bs is not None and bs != "full":
         try:
