@@ -96,6 +96,8 @@ def test_table_numbers_equal_the_json(cpu_run, tmp_path):
 
 
 def test_engine_table_compares_batched_with_plain_from_one_run(cpu_run, tmp_path):
+    if not os.environ.get("WIDEDEEP_DATA"):
+        pytest.skip("the lecture benchmarks need the lecture file: set WIDEDEEP_DATA")
     run = json.loads(cpu_run.read_text())
     out = build(results_with(tmp_path, ("cpu-quick.json", run)))
     table = pd.read_csv(next(p for p in out["tables"]
