@@ -8,13 +8,14 @@ matmul GFLOP/s per device) lives in bench/conftest.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from widedeep.model import linear_layers
+from widedeep.model import layer_sizes, linear_layers
+from widedeep.model import step_flops as model_step_flops
 
 WARMUP_ITERATIONS = 3  # untimed calls before calibration: allocator, cuBLAS handles, caches
 
@@ -54,21 +55,9 @@ def device_params(quick: bool = True) -> list:
 # ------------------------------------------------------------------ FLOPs
 
 
-def mlp_flops(sizes: Sequence[tuple[int, int]], n: int) -> int:
-    """Analytic FLOPs of one training step on ``n`` rows through Linear layers (in, out).
-
-    Forward: 2 * n * sum(in * out) (one multiply-add per weight per row); backward is about
-    twice the forward (grad w.r.t. inputs and weights). Activations and the optimiser's
-    update are O(width) per row and left out.
-    """
-    forward = 2 * n * sum(a * b for a, b in sizes)
-    return 3 * forward
-
-
-def mlp_sizes(n_features: int, widths: Sequence[int], n_out: int) -> list[tuple[int, int]]:
-    """(in, out) of each Linear layer of a plain MLP, input to head, without building it."""
-    sizes = (n_features, *widths, n_out)
-    return list(zip(sizes[:-1], sizes[1:], strict=True))
+# NOTE: the FLOP count is the library's, so benchmarks and the thread policy agree.
+mlp_flops = model_step_flops
+mlp_sizes = layer_sizes
 
 
 def step_flops(model: nn.Module, n: int) -> int:

@@ -139,5 +139,21 @@ def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if name.endswith(".activation")]
 
 
+def layer_sizes(n_features: int, widths, n_out: int) -> list[tuple[int, int]]:
+    """(in, out) of each Linear layer of a plain MLP, input to head, without building it."""
+    sizes = (n_features, *widths, n_out)
+    return list(zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def step_flops(sizes, n: int) -> int:
+    """Analytic FLOPs of one training step on ``n`` rows through Linear layers (in, out).
+
+    Forward: 2 * n * sum(in * out) (one multiply-add per weight per row); backward is about
+    twice the forward (grads w.r.t. inputs and weights). Activations and the optimiser's
+    update are O(width) per row and left out.
+    """
+    return 3 * 2 * n * sum(a * b for a, b in sizes)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

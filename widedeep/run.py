@@ -21,7 +21,7 @@ from widedeep.config import TrainConfig
 from widedeep.data import Dataset
 from widedeep.env import environment
 from widedeep.errors import UserError
-from widedeep.model import build_model
+from widedeep.model import build_model, layer_sizes, step_flops
 from widedeep.probes import ProbeCallback, grad_ratio
 from widedeep.train import FitResult, Split, criterion_for, fit, predict_logits
 
@@ -51,20 +51,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def step_flops(config: TrainConfig, n_features: int, n_out: int, n_rows: int) -> float:
-    """Approximate FLOPs of one full-batch step: forward 2*n*sum(in*out), backward twice that."""
-    sizes = (n_features, *config.widths, n_out)
-    macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    return 6.0 * n_rows * macs
-
-
 def resolve_threads(config: TrainConfig, ds: Dataset, models: int = 1) -> int:
     """config.threads, or 1 when a step of ``models`` such nets is small, else torch's
     current setting."""
     if config.threads is not None:
         return config.threads
     rows = config.batch_size or ds.n_rows
-    small = models * step_flops(config, ds.n_features, ds.n_classes, rows) < SMALL_STEP_FLOPS
+    sizes = layer_sizes(ds.n_features, config.widths, ds.n_classes)
+    small = models * step_flops(sizes, rows) < SMALL_STEP_FLOPS
     return 1 if small else torch.get_num_threads()
 
 
