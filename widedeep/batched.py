@@ -132,7 +132,7 @@ class StackedActivation:
         return saturated(self.spec, self.module, z.transpose(1, 2))
 
 
-def _linear(W: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def linear(W: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """W (K, out, in), b (K, out, 1), h (in, n) shared or (K, in, n) -> (K, out, n)."""
     if h.dim() == 2:
         K, out, n_in = W.shape
@@ -156,14 +156,14 @@ def forward(layout: Layout, flat: torch.Tensor, X: torch.Tensor, act: StackedAct
     """
     p, h = layout.views(flat), X
     for i in range(layout.depth):
-        z = _linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
+        z = linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
         if layout.norm == "layer":
             z = _layer_norm(z, p[f"blocks.{i}.norm.weight"], p[f"blocks.{i}.norm.bias"])
         a = act(z)  # (K, width, n)
         if trace is not None:
             trace.append((z, a))
         h = h + a if layout.residual[i] else a
-    return _linear(p["head.weight"], p["head.bias"], h)
+    return linear(p["head.weight"], p["head.bias"], h)
 
 
 def per_model_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,7 @@ class StackedOptimizer:
             # NOTE: torch starts the momentum buffer at the first gradient; with buf = 0,
             # buf * m + g is that gradient at step 1, and plain SGD (buf = g) when m = 0.
             self.buf.mul_(self.momentum).add_(grad)
-            flat.sub_(self.lr * self.buf)
+            flat.addcmul_(self.lr, self.buf, value=-1)  # one pass, no (K, P) temporary
             return
         if self.kind == "adamw":
             flat.mul_(1 - self.lr * self.wd)

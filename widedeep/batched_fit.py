@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from widedeep import batched, batched_cuda
+from widedeep import batched, batched_cuda, env
 from widedeep.batched import Layout, StackedActivation, StackedOptimizer
+from widedeep.batched_grad import ManualStep
 from widedeep.config import TrainConfig
 from widedeep.model import linear_layers
 from widedeep.train import FitResult, Split
@@ -62,8 +63,10 @@ def stack_data(splits: list[Split]) -> Data:
 class Trainer:
     """Holds the stacked state of one group; ``epoch()`` trains all K models for one epoch."""
 
-    def __init__(self, models: list[nn.Module], configs: list[TrainConfig]):
+    def __init__(self, models: list[nn.Module], configs: list[TrainConfig], *,
+                 manual: bool = True):
         self.models, self.configs = models, configs
+        env.retain_freed_memory()  # no page faults on the step's big temporaries
         self.layout: Layout = batched.layout_of(models[0], configs[0])
         self.act = StackedActivation(configs[0].activation)
         self.flat = batched.stack(models)  # (K, P)
@@ -71,6 +74,8 @@ class Trainer:
         self.batch_size = configs[0].batch_size
         self.orders = {c.seed: torch.Generator().manual_seed(c.seed) for c in configs}
         self.graph = None  # a captured full-batch step (CUDA only), see batched_cuda
+        # Gradients written out by hand where the layout allows, else autograd.
+        self.manual = ManualStep.create(self.layout, self.act) if manual else None
 
     def losses(self, flat: torch.Tensor, data: Data, trace: list | None = None) -> torch.Tensor:
         """(K,) per-model mean loss on ``data``."""
@@ -79,9 +84,12 @@ class Trainer:
 
     def step(self, data: Data) -> torch.Tensor:
         """One update of every model on ``data``; returns the (K,) losses before it."""
-        flat = self.flat.detach().requires_grad_(True)
-        loss = self.losses(flat, data)
-        (grad,) = torch.autograd.grad(loss.sum(), flat)  # sum: each model gets its own grad
+        if self.manual is not None:
+            loss, grad = self.manual(self.flat, data.X, data.y)
+        else:
+            flat = self.flat.detach().requires_grad_(True)
+            loss = self.losses(flat, data)
+            (grad,) = torch.autograd.grad(loss.sum(), flat)  # sum: each model its own grad
         self.opt.step(self.flat, grad)
         return loss.detach()
 
