@@ -163,22 +163,26 @@ def _run_group(store: Store, study, spec, rows: list[dict]) -> int:
 
 
 def work(spec, url: str, *, worker: str, group: int, grace_s: float, on_done=None,
-         threads: int | None = None) -> None:
-    """Claim and run trials until every row of the sweep is finished."""
+         threads: int | None = None, store: Store | None = None) -> None:
+    """Claim and run trials until every row of the sweep is finished (in ``store`` when
+    given, an open Store of ``url``, else in one opened here)."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with Store(url) as store:
-        study = store.study(spec.name)
-        beat = _Heartbeat(store, min(HEARTBEAT_S, grace_s / 4))
-        beat.start()
-        try:
-            _loop(store, study, spec, beat, worker=worker, group=group, grace_s=grace_s,
-                  on_done=on_done)
-        finally:
-            beat.stop()
+    if store is None:
+        with Store(url) as own:
+            return work(spec, url, worker=worker, group=group, grace_s=grace_s,
+                        on_done=on_done, store=own)
+    study = store.study(spec.name)
+    beat = _Heartbeat(store, min(HEARTBEAT_S, grace_s / 4))
+    beat.start()
+    try:
+        _loop(store, study, spec, beat, worker=worker, group=group, grace_s=grace_s,
+              on_done=on_done)
+    finally:
+        beat.stop()
 
 
 def _loop(store: Store, study, spec, beat: _Heartbeat, *, worker, group, grace_s, on_done):
@@ -224,7 +228,8 @@ def run_workers(spec, url: str, *, workers: int, progress: bool,
         with bar:
             kwargs = dict(group=group, grace_s=grace_s)
             if workers == 1:
-                work(spec, url, worker=run_id + "0", on_done=bar.update, **kwargs)
+                work(spec, url, worker=run_id + "0", on_done=bar.update, store=store,
+                     **kwargs)
             else:
                 _spawn(spec, url, run_id, workers, bar, store, kwargs)
         done = _finished(store, spec.name)
