@@ -62,6 +62,7 @@ def _row(bench: dict, machine: dict) -> dict:
         "flops_per_step": flops,
         "gflops_per_s": extra.get("gflops_per_s", flops / median / 1e9 if flops else None),
         "models": extra.get("models", 1),
+        "engine": extra.get("engine"),
         "threads": extra.get("threads", machine["threads"]),
         "machine": machine["label"],
         "file": machine["file"],
@@ -145,6 +146,19 @@ def wide_nets(data: pd.DataFrame) -> pd.DataFrame:
                  "fraction_of_peak", "file"]].reset_index(drop=True)
 
 
+def sweep_commands(data: pd.DataFrame) -> pd.DataFrame:
+    """Whole ``widedeep sweep`` commands: seconds per engine, and the speedup of each over
+    the plain engine measured in the same run (file)."""
+    rows = data[data["kind"] == "sweep"]
+    if rows.empty:
+        return pd.DataFrame(columns=["name", "engine", "models", "seconds", "speedup_vs_plain"])
+    rows = rows.assign(seconds=rows["median_s"])
+    plain = rows[rows["engine"] == "plain"].groupby("file")["seconds"].min()
+    rows = rows.assign(speedup_vs_plain=plain.reindex(rows["file"]).to_numpy() / rows["seconds"])
+    return rows[["name", "engine", "models", "seconds", "speedup_vs_plain", "file"]].reset_index(
+        drop=True)
+
+
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     """A pipe table (no tabulate dependency); floats to ``digits`` significant figures."""
     def cell(v) -> str:
@@ -195,6 +209,9 @@ def write_tables(data: pd.DataFrame, machines: list[dict], tables: Path) -> list
         wide = wide_nets(data)
         if not wide.empty:
             text += "\n" + WIDE_TITLE + "\n\n" + markdown(wide) + "\n"
+        commands = sweep_commands(data)
+        if not commands.empty:
+            text += "\n" + SWEEP_TITLE + "\n\n" + markdown(commands) + "\n"
         md_path.write_text(text)
         paths += [csv_path, md_path]
     return paths
@@ -205,6 +222,9 @@ ENGINES_TITLE = ("Lecture-size nets (8-6-4-1 sigmoid, 759 rows, one full-batch e
                  "thread in the same run.")
 WIDE_TITLE = ("Wide nets (2 hidden layers of 512 or 1024 ReLU units, full batch) on the batched "
               "engine: achieved GFLOP/s as a fraction of the run's float32 matmul peak.")
+SWEEP_TITLE = ("The whole `widedeep sweep` command (a child process, from empty storage): 64 "
+               "seeds of the lecture preset, 100 full-batch epochs each, seconds (median) per "
+               "engine and speedup over `engine = \"plain\"` in the same run.")
 
 
 # ------------------------------------------------------------------ figures

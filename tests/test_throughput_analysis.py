@@ -14,7 +14,7 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from analysis.throughput import build
+from analysis.throughput import build, load, sweep_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -110,6 +110,30 @@ def test_engine_table_compares_batched_with_plain_from_one_run(cpu_run, tmp_path
     assert row["us_per_model_epoch"] == pytest.approx(per_model)
     assert row["speedup_vs_plain"] == pytest.approx(plain / per_model)
     assert table.loc["test_lecture_plain", "speedup_vs_plain"] == pytest.approx(1.0)
+
+
+def _with_sweeps(run: dict, plain_s: float, auto_s: float) -> dict:
+    """``run`` plus two whole-command sweep cases (kind ``sweep``) with the given medians."""
+    run = json.loads(json.dumps(run))
+    for engine, median in (("plain", plain_s), ("auto", auto_s)):
+        case = json.loads(json.dumps(run["benchmarks"][0]))
+        case["name"] = f"test_sweep_command[{engine}]"
+        case["stats"].update(median=median, min=median)
+        case["extra_info"] = {"kind": "sweep", "device": "cpu", "engine": engine, "models": 64}
+        run["benchmarks"].append(case)
+    return run
+
+
+def test_sweep_speedup_is_taken_within_each_run(cpu_run, tmp_path):
+    run = json.loads(cpu_run.read_text())
+    later = _with_sweeps(run, 12.0, 4.0) | {"datetime": "2099-01-01T00:00:00"}
+    folder = results_with(tmp_path, ("a.json", _with_sweeps(run, 10.0, 5.0)), ("b.json", later))
+    table = sweep_commands(load(folder / "benchmarks")[0]).set_index("engine")
+    assert table.loc["auto", "speedup_vs_plain"] == pytest.approx(3.0)  # b.json's own plain
+    assert table.loc["plain", "speedup_vs_plain"] == pytest.approx(1.0)
+    md = next(Path(p) for p in build(folder)["tables"]
+              if Path(p).name == "throughput_engines.md").read_text()
+    assert "widedeep sweep" in md and "| auto | 64 | 4 | 3 |" in md
 
 
 def test_speedup_heatmap_with_cuda_run(cpu_run, tmp_path):
