@@ -166,12 +166,14 @@ def test_plan_says_why_a_config_runs_on_the_plain_loop():
     configs = [make_config(seed=0, **base), make_config(seed=1, **base),
                make_config(seed=2, engine="plain", **base),
                make_config(seed=3, dropout=0.2, **base),
-               make_config(seed=4, activation="tanh", **base)]
+               make_config(seed=4, activation="tanh", **base),
+               make_config(seed=5, activation="relu6", split="cv:3", **base)]
     reasons = batched_run.plan(configs)
     assert reasons[:2] == [None, None]
     assert reasons[2] == "engine plain requested"
     assert "dropout" in reasons[3]
-    assert "no other config" in reasons[4]
+    assert "no other model" in reasons[4]
+    assert reasons[5] is None  # alone, but its three folds train together
 
 
 def test_forcing_batched_on_an_unsupported_config_names_why():

@@ -1,8 +1,8 @@
 """Batched engine, part 3: ``run_many`` on the batched engine — plan, train, summarise.
 
 ``plan(configs)`` decides per config: the batched engine (``engine`` batched, or auto in a
-group of >= 2 configs that differ only by seed, init, lr, momentum or weight decay) or the
-plain loop, with the reason. A batched group trains every (config, fold) pair as one model;
+group of >= 2 models — configs that differ only by seed, init, lr, momentum or weight decay,
+times their cross-validation folds) or the plain loop, with the reason. A batched group trains every (config, fold) pair as one model;
 pairs are stacked by training-set size, so cross-validation folds of unequal size simply form
 two stacks. Summaries, histories and probes have the plain path's shape (``widedeep.run``).
 """
@@ -47,10 +47,10 @@ def plan(configs: list[TrainConfig]) -> list[str | None]:
 
     Raises UserError when ``engine="batched"`` is forced on a config the engine can't train.
     """
-    sizes = defaultdict(int)
+    sizes = defaultdict(int)  # models per group: configs x folds
     for c in configs:
         if c.engine != "plain" and batched.unsupported_reason(c) is None:
-            sizes[batched.group_key(c)] += 1
+            sizes[batched.group_key(c)] += data.parse_split(c.split)[1]
     reasons = []
     for c in configs:
         reason = batched.unsupported_reason(c)
@@ -60,7 +60,7 @@ def plan(configs: list[TrainConfig]) -> list[str | None]:
         if c.engine == "plain":
             reason = "engine plain requested"
         elif reason is None and c.engine == "auto" and sizes[batched.group_key(c)] < 2:
-            reason = "no other config to batch with (auto batches groups of >= 2)"
+            reason = "no other model to batch with (auto batches >= 2 configs x folds)"
         reasons.append(reason)
     return reasons
 
