@@ -28,8 +28,11 @@ def make_spec(profile: Profile, section: str, *, seeds, grid: dict, fixed: dict 
     The digest means an edited profile starts a fresh study instead of colliding with the
     records of the old one under the same name.
     """
+    fixed = dict(fixed or {})
+    if profile.engine != "auto":  # auto stays implicit: the studies of earlier reports match
+        fixed["engine"] = profile.engine
     body = {"sweep": {"dataset": dataset, "split": split, "seeds": [int(s) for s in seeds]},
-            "fixed": dict(fixed or {}), "grid": {k: list(v) for k, v in grid.items()}}
+            "fixed": fixed, "grid": {k: list(v) for k, v in grid.items()}}
     digest = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:8]
     body["sweep"]["name"] = f"report-{profile.name}-{section}-{digest}"
     return sweep.spec_from_dict(body)

@@ -26,9 +26,10 @@ OPTION_COLUMNS = ["arch", "activation", "depth", "width", "init", "norm", "resid
 
 def settings(ctx: Context) -> dict:
     p = ctx.profile
-    return {"dataset": "diabetes", "split": p.search_split, "seed": 0,
-            "trials": p.search_trials, "max_depth": p.search_max_depth,
-            "max_epochs": p.search_max_epochs}
+    out = {"dataset": "diabetes", "split": p.search_split, "seed": 0,
+           "trials": p.search_trials, "max_depth": p.search_max_depth,
+           "max_epochs": p.search_max_epochs}
+    return out | ({"engine": p.engine} if p.engine != "auto" else {})
 
 
 def study_name(ctx: Context) -> str:

@@ -48,6 +48,8 @@ class Profile:
     ds_seeds: int = 2
     ds_split: str = "holdout"
     recipe: dict = field(default_factory=lambda: dict(RECIPE))
+    # "plain" trains every net on the plain loop (to time the batched engine against it)
+    engine: str = "auto"
 
     def grid_activations(self) -> list[str]:
         return list(self.activations) if self.activations else list_activations()

@@ -179,3 +179,22 @@ def test_throughput_section_embeds_benchmark_figures_and_machines(tmp_path):
     assert (machine.get("cuda_device") or machine.get("cpu_model")) in text
     for link in re.findall(r"\]\(([^)#]+)\)", text):
         assert (tmp_path / link).is_file(), link
+
+
+def test_engine_plain_gets_studies_of_its_own(tmp_path):
+    """--engine plain: every sweep config and the search train on the plain loop, in studies
+    whose names differ from auto's (auto's stay as earlier reports named them)."""
+    import dataclasses
+
+    from analysis import grid, leaderboard
+
+    ctx = _context(tmp_path)
+    plain = dataclasses.replace(ctx, profile=dataclasses.replace(ctx.profile, engine="plain"))
+    auto_spec, plain_spec = grid.specs(ctx.profile)["grid"], grid.specs(plain.profile)["grid"]
+    assert auto_spec.name != plain_spec.name and "engine" not in auto_spec.fixed
+    point = plain_spec.points()[0]
+    assert plain_spec.config(point, 0).engine == "plain"
+    assert auto_spec.config(point, 0).engine == "auto"
+    assert leaderboard.settings(plain)["engine"] == "plain"
+    assert "engine" not in leaderboard.settings(ctx)
+    assert leaderboard.study_name(plain) != leaderboard.study_name(ctx)

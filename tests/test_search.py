@@ -96,3 +96,21 @@ def test_bad_search_options_exit_2(argv, words, tmp_path, capsys):
     assert main(["search", "--storage", url, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_engine_plain_trains_every_trial_on_the_plain_loop(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.sqlite3"
+    budget = dict(dataset="iris", split="cv:2", seed=0, trials=2, max_depth=2, max_epochs=10)
+    result = search.run_search(study="p", storage=url, engine="plain", **budget)
+    import optuna
+
+    trials = optuna.load_study(study_name="p", storage=url).get_trials()
+    assert result["n_trials"] == 2 and result["engine"] == "plain"
+    assert {t.user_attrs["summary"]["engine"] for t in trials} == {"plain"}
+
+
+def test_a_search_cannot_force_the_batched_engine(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.sqlite3"
+    assert main(["search", "--storage", url, "--engine", "batched"]) == 2  # argparse: choices
+    with pytest.raises(UserError, match="engine must be 'auto' or 'plain'"):
+        search.run_search(storage=url, engine="batched")

@@ -2,9 +2,10 @@
 
 ``plan(configs)`` decides per config: the batched engine (``engine`` batched, or auto in a
 group of >= 2 models — configs that differ only by seed, init, lr, momentum or weight decay,
-times their cross-validation folds) or the plain loop, with the reason. A batched group trains every (config, fold) pair as one model;
-pairs are stacked by training-set size, so cross-validation folds of unequal size simply form
-two stacks. Summaries, histories and probes have the plain path's shape (``widedeep.run``).
+times their cross-validation folds) or the plain loop, with the reason. A batched group
+trains every (config, fold) pair as one model; pairs are stacked by training-set size, so
+cross-validation folds of unequal size simply form two stacks. Summaries, histories and
+probes have the plain path's shape (``widedeep.run``).
 """
 
 from __future__ import annotations

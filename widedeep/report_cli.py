@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "PostgreSQL URL lets several machines share the work")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes per sweep (default: CPU count, at most 4)")
+    p.add_argument("--engine", choices=("auto", "plain"), default="auto",
+                   help="auto (default: the batched engine where configs allow) or plain "
+                        "(every net on the plain loop, in studies of their own)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -38,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from analysis.report import build  # deferred: pandas, seaborn and matplotlib are slow
 
     readme = build(profile=_profile(args), out=args.out, storage=args.storage,
-                   workers=workers, progress=not args.quiet)
+                   workers=workers, progress=not args.quiet, engine=args.engine)
     print(f"report: {readme}")
     return 0

@@ -64,7 +64,7 @@ def _open_storage(url: str) -> Store:
 
 def _objective(settings: dict):
     fixed = {"dataset": settings["dataset"], "split": settings["split"],
-             "seed": settings["seed"]}
+             "seed": settings["seed"], "engine": settings.get("engine", "auto")}
 
     def objective(trial: optuna.Trial) -> float:
         options = suggest(trial, max_depth=settings["max_depth"],
@@ -125,8 +125,10 @@ def work(study_name: str, url: str, *, trials: int, timeout: float | None,
 def run_search(*, study: str | None = None, dataset: str = "diabetes", split: str = "cv:5",
                seed: int = 0, trials: int = 50, timeout: float | None = None,
                storage: str | None = None, workers: int = 1, max_depth: int = 32,
-               max_epochs: int = 300) -> dict:
-    """Run (or resume) a search; returns :func:`search_results`."""
+               max_epochs: int = 300, engine: str = "auto") -> dict:
+    """Run (or resume) a search; returns :func:`search_results`. ``engine``: auto, or plain
+    to train every trial on the plain loop (batched cannot be forced: most of the search
+    space — dropout, batch norm, Wide & Deep — needs the plain loop)."""
     if trials < 1 or workers < 1 or max_depth < 1 or max_epochs < 1:
         raise UserError(f"trials, workers, max_depth and max_epochs must be >= 1, got "
                         f"{trials=}, {workers=}, {max_depth=}, {max_epochs=}")
@@ -134,8 +136,12 @@ def run_search(*, study: str | None = None, dataset: str = "diabetes", split: st
         Path("results").mkdir(exist_ok=True)
     url = storage or DEFAULT_STORAGE
     name = study or f"search-{dataset}-{split.replace(':', '')}-seed{seed}"
+    if engine not in ("auto", "plain"):
+        raise UserError(f"a search's engine must be 'auto' or 'plain', got engine={engine!r}")
     settings = {"dataset": dataset, "split": split, "seed": seed, "max_depth": max_depth,
                 "max_epochs": max_epochs}
+    if engine != "auto":  # auto stays implicit: earlier studies' settings still match
+        settings["engine"] = engine
     prepare(name, url, settings)
     if workers == 1:
         work(name, url, trials=trials, timeout=timeout)

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=int, default=300,
                    help="most epochs per trial; early stopping may end sooner (default 300)")
     p.add_argument("--top", type=int, default=10, help="leaderboard rows (default 10)")
+    p.add_argument("--engine", choices=("auto", "plain"), default="auto",
+                   help="auto (default: the batched engine where a trial's folds allow) or "
+                        "plain (every trial on the plain loop)")
 
 
 def _pm(mean, std) -> str:
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     r = run_search(study=args.study, dataset=args.dataset, split=args.split, seed=args.seed,
                    trials=args.trials, timeout=args.timeout, storage=args.storage,
-                   workers=args.workers, max_depth=args.max_depth, max_epochs=args.max_epochs)
+                   workers=args.workers, max_depth=args.max_depth, max_epochs=args.max_epochs,
+                   engine=args.engine)
     if args.top != 10:
         r = search_results(r["study"], r["storage"], top=args.top)
     print(format_results(r))
