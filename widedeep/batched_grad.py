@@ -59,11 +59,24 @@ def derivative_of(module: nn.Module) -> Derivative | None:
     return table.get(type(module))
 
 
+# Activations whose derivative needs only their output: applied in place on the
+# pre-activation, and differentiated in place on the incoming gradient, so a step allocates
+# (and streams through) two tensors less per layer. (forward_, backward_(grad, output))
+_IN_PLACE = {
+    nn.Sigmoid: (torch.sigmoid_, lambda g, a: aten.sigmoid_backward.grad_input(g, a,
+                                                                             grad_input=g)),
+    nn.Tanh: (torch.tanh_, lambda g, a: aten.tanh_backward.grad_input(g, a, grad_input=g)),
+    nn.ReLU: (torch.relu_, lambda g, a: aten.threshold_backward.grad_input(g, a, 0,
+                                                                           grad_input=g)),
+}
+
+
 class ManualStep:
     """Per-model losses and gradients of K stacked MLPs, without autograd."""
 
     def __init__(self, layout: Layout, act: StackedActivation, derivative: Derivative):
         self.layout, self.act, self.derivative = layout, act, derivative
+        self.forward_, self.backward_ = _IN_PLACE.get(type(act.module), (None, None))
 
     @classmethod
     def create(cls, layout: Layout, act: StackedActivation) -> ManualStep | None:
@@ -85,14 +98,20 @@ class ManualStep:
         h = X
         for i in range(layout.depth):
             z = linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
-            a = self.act.module(z)
+            if self.forward_ is not None:  # z is this step's own fresh tensor
+                a, z = self.forward_(z), None
+            else:
+                a = self.act.module(z)
             inputs.append(h), pres.append(z), outs.append(a)
             h = h + a if layout.residual[i] else a
         loss, g = _loss_and_grad(linear(p["head.weight"], p["head.bias"], h), y)
         grads = {}
         g = self._linear_back("head", p, g, h, grads, need_input=True)
         for i in reversed(range(layout.depth)):
-            dz = self.derivative(g, pres[i], outs[i])
+            if self.backward_ is not None and not layout.residual[i]:
+                dz = self.backward_(g, outs[i])  # g is this step's own, needed no more
+            else:
+                dz = self.derivative(g, pres[i], outs[i])
             dh = self._linear_back(f"blocks.{i}.linear", p, dz, inputs[i], grads,
                                    need_input=i > 0)
             if i > 0:

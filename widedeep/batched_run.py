@@ -22,7 +22,9 @@ from widedeep.config import TrainConfig
 from widedeep.errors import UserError
 from widedeep.train import Split
 
-CHUNK_BYTES = 8 * 2**20  # activations of one stack; bounds K so a stack stays cache-sized
+# Activation bytes of one stack: bounds its memory. NOTE: not a cache size — deep width-64
+# nets are compute-bound, and two of them per stack train 17 % faster than one each (dev VM).
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
