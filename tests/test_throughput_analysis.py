@@ -91,6 +91,9 @@ def test_table_numbers_equal_the_json(cpu_run, tmp_path):
     assert row["median_s"] == step["stats"]["median"]
     expected = step["extra_info"]["gflops_per_s"] / peak["extra_info"]["gflops_per_s"]
     assert row["fraction_of_peak"] == pytest.approx(expected, rel=1e-12)
+    best = (step["extra_info"]["flops_per_step"] / step["stats"]["min"]) / (
+        peak["extra_info"]["flops_per_step"] / peak["stats"]["min"])
+    assert row["fraction_of_peak_best"] == pytest.approx(best, rel=1e-12)
     md = next(Path(p) for p in out["tables"] if Path(p).name == "throughput.md").read_text()
     assert f"{step['extra_info']['samples_per_s']:,.0f}" in md
 
