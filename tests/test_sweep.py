@@ -80,6 +80,15 @@ def test_example_spec_loads():
     assert spec.points()[0] == {"activation": "sigmoid", "depth": 2, "width": 6}
 
 
+def test_a_fixed_preset_sets_what_sweep_leaves_unset():
+    d = tiny()
+    d["sweep"].pop("split", None)
+    d["fixed"] = {"preset": "lecture"}
+    assert sweep.spec_from_dict(d).split == "none"  # the lecture trains and scores all rows
+    d["sweep"]["split"] = "cv:3"
+    assert sweep.spec_from_dict(d).split == "cv:3"  # [sweep] says otherwise: it wins
+
+
 @pytest.mark.parametrize("change,words", [
     (lambda d: d["fixed"].update(bogus=1), "unknown option 'bogus'"),
     (lambda d: d["grid"].clear(), "[grid] is empty"),
@@ -94,6 +103,7 @@ def test_example_spec_loads():
     (lambda d: d["fixed"].update(depth=2), "in both [fixed] and [grid]"),
     (lambda d: d.update(extra={}), "unknown table(s) extra"),
     (lambda d: d["sweep"].pop("name"), "name must be a non-empty string"),
+    (lambda d: d["fixed"].update(csv="my.csv"), "dataset and a csv option both name the data"),
 ])
 def test_bad_spec_names_the_problem(change, words):
     d = tiny()

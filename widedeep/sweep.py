@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from widedeep.config import OPTION_NAMES, make_config
+from widedeep.config import OPTION_NAMES, PRESETS, make_config
 from widedeep.errors import UserError
 from widedeep.sweep_store import TERMINAL, Store, get_blob
 
@@ -151,11 +151,18 @@ def spec_from_dict(d: dict) -> SweepSpec:
     if unknown:
         raise UserError(f"sweep spec: unknown table(s) {', '.join(unknown)}; "
                         "known: sweep, fixed, grid")
-    fixed, grid = _table(d, "fixed", required=False), _table(d, "grid")
+    fixed, grid, head = _table(d, "fixed", required=False), _table(d, "grid"), _table(d, "sweep")
     _check_options("fixed", fixed)
     _check_options("grid", grid)
     _check_grid(grid, fixed)
-    spec = SweepSpec(**_sweep_fields(_table(d, "sweep")), fixed=dict(fixed), grid=dict(grid))
+    if "dataset" in head and ("csv" in fixed or "csv" in grid):
+        raise UserError("[sweep] dataset and a csv option both name the data: give one")
+    fields = _sweep_fields(head)
+    preset = PRESETS.get(fixed.get("preset"), {})
+    for key in ("dataset", "split"):  # unset in [sweep]: a [fixed] preset's own choice
+        if key not in head and key in preset:
+            fields[key] = preset[key]
+    spec = SweepSpec(**fields, fixed=dict(fixed), grid=dict(grid))
     _check_dataset(spec)
     for point in spec.points():
         for seed in spec.seeds:
