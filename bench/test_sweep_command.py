@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def lecture_file() -> None:
+    pytest.importorskip("optuna", reason="the sweep command needs Optuna")
     try:
         data.load_dataset("diabetes")
     except UserError as e:
