@@ -63,8 +63,7 @@ def stack_data(splits: list[Split]) -> Data:
 class Trainer:
     """Holds the stacked state of one group; ``epoch()`` trains all K models for one epoch."""
 
-    def __init__(self, models: list[nn.Module], configs: list[TrainConfig], *,
-                 manual: bool = True):
+    def __init__(self, models: list[nn.Module], configs: list[TrainConfig]):
         self.models, self.configs = models, configs
         env.retain_freed_memory()  # no page faults on the step's big temporaries
         self.layout: Layout = batched.layout_of(models[0], configs[0])
@@ -75,7 +74,7 @@ class Trainer:
         self.orders = {c.seed: torch.Generator().manual_seed(c.seed) for c in configs}
         self.graph = None  # a captured full-batch step (CUDA only), see batched_cuda
         # Gradients written out by hand where the layout allows, else autograd.
-        self.manual = ManualStep.create(self.layout, self.act) if manual else None
+        self.manual = ManualStep.create(self.layout, self.act)
 
     def losses(self, flat: torch.Tensor, data: Data, trace: list | None = None) -> torch.Tensor:
         """(K,) per-model mean loss on ``data``."""

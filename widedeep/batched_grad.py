@@ -7,7 +7,7 @@ normalisation whose activation acts element by element with a known derivative â
 runs the forward pass, the loss and the backward pass as a fixed list of batched tensor
 operations instead, calling the same ATen derivative kernels autograd would
 (``sigmoid_backward``, ``threshold_backward``, ...). Anything else (layer norm, the softmax
-family) keeps autograd; ``tests/test_batched.py`` checks these gradients against
+family) keeps autograd; ``tests/test_batched_grad.py`` checks these gradients against
 autograd's for every activation they cover.
 """
 
