@@ -10,6 +10,7 @@ a crash in between costs a lookup, never a second training run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -171,18 +172,15 @@ def work(spec, url: str, *, worker: str, group: int, grace_s: float, on_done=Non
 
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if store is None:
-        with Store(url) as own:
-            return work(spec, url, worker=worker, group=group, grace_s=grace_s,
-                        on_done=on_done, store=own)
-    study = store.study(spec.name)
-    beat = _Heartbeat(store, min(HEARTBEAT_S, grace_s / 4))
-    beat.start()
-    try:
-        _loop(store, study, spec, beat, worker=worker, group=group, grace_s=grace_s,
-              on_done=on_done)
-    finally:
-        beat.stop()
+    with Store(url) if store is None else contextlib.nullcontext(store) as store:
+        study = store.study(spec.name)
+        beat = _Heartbeat(store, min(HEARTBEAT_S, grace_s / 4))
+        beat.start()
+        try:
+            _loop(store, study, spec, beat, worker=worker, group=group, grace_s=grace_s,
+                  on_done=on_done)
+        finally:
+            beat.stop()
 
 
 def _loop(store: Store, study, spec, beat: _Heartbeat, *, worker, group, grace_s, on_done):
