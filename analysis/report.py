@@ -20,6 +20,7 @@ import torch
 from analysis import confusion, datasets, gradients, grid, leaderboard, lecture, throughput_section
 from analysis.context import Context
 from analysis.profiles import get_profile
+from widedeep import fused
 from widedeep.env import environment, git_commit
 from widedeep.records import write_json
 
@@ -42,6 +43,8 @@ def report_environment(profile: str, storage: str) -> dict:
     # The report trains in worker processes, each of which sets this for itself when it
     # first uses the batched engine: this process's value would say nothing about them.
     env.pop("malloc_retains_freed", None)
+    fused.library()  # what the workers find too: the same compiler, cache and settings
+    env["fused_step"] = fused.status()
     return {
         **env,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -67,6 +70,9 @@ def _header(env: dict, profile: str) -> str:
         f"- machine: {env['cpu_model']} ({env['cpu_count']} CPUs, torch threads "
         f"{env['threads']}); CUDA device: {cuda}",
         f"- torch {env['torch_version']}, Python {env['python_version']}, {env['platform']}",
+        f"- batched engine's step for nets up to {fused.MAX_WIDTH} units wide: "
+        + ("compiled (`widedeep/_fused.c`)" if env.get("fused_step") == "compiled"
+           else f"torch operations (compiled step {env.get('fused_step')})"),
         f"- date {env['date']}, commit `{env['commit']}`; records: `{env['storage']}` "
         "(see [`environment.json`](environment.json))",
         "",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 INTS = ["depth", "width", "batch_size", "n_params", "flops_per_step"]
-KEYS = ["device", "kind", "depth", "width", "batch_size", "full_batch", "activation"]
+KEYS = ["device", "kind", "depth", "width", "batch_size", "full_batch", "activation", "step"]
 CUDA_MISSING = (
     "No CUDA benchmark results in {where}: the CUDA throughput curves and the CPU-vs-CUDA "
     "speedup heatmap are missing. To produce them, on a GPU machine run "
@@ -138,7 +138,7 @@ def engines(data: pd.DataFrame) -> pd.DataFrame:
     rows["us_per_model_epoch"] = rows["median_s"] * 1e6 / rows["models"].astype(float)
     plain = rows.loc[rows["kind"] == "plain", "us_per_model_epoch"]
     rows["speedup_vs_plain"] = plain.min() / rows["us_per_model_epoch"] if len(plain) else None
-    cols = ["name", "what", "models", "threads", "us_per_model_epoch", "speedup_vs_plain",
+    cols = ["name", "what", "step", "models", "threads", "us_per_model_epoch", "speedup_vs_plain",
             "fraction_of_peak", "file"]
     return rows[cols].sort_values("us_per_model_epoch", ascending=False).reset_index(drop=True)
 

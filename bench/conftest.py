@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 
+from widedeep import fused
 from widedeep.env import environment
 
 
@@ -40,6 +41,7 @@ def machine_label(env: dict) -> str:
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
     """Add torch version, thread count, CPU model and CUDA device to ``machine_info``."""
+    fused.library()  # so that machine_info says whether the compiled step was available
     env = environment()
     machine_info.update({k: v for k, v in env.items() if k not in machine_info})
     machine_info["machine_label"] = machine_label(env)

@@ -1,8 +1,9 @@
 """Throughput of the batched engine against the plain loop, side by side in one run.
 
 - Lecture-size nets (8-6-4-1 sigmoid, 759 rows, full batch): microseconds per model-epoch
-  of the plain loop's step and of a K-model stack (K = 16, 64, 256); ``extra_info`` holds
-  the ratio plain / batched from this run (target: >= 15).
+  of the plain loop's step and of a K-model stack (K = 16, 64, 256), with the engine's own
+  step and with its torch-ops step; ``extra_info`` holds the ratio plain / batched from this
+  run (target: >= 15) and which step ran.
 - Wide nets (width 512, 1024): GFLOP/s of a K-model stack as a fraction of this run's
   matmul peak (a large ``torch.mm``, measured first; target: >= 0.7).
 
@@ -19,6 +20,7 @@ import torch
 from bench.harness import bench_mark, fill_extra_info, mlp_flops, mlp_sizes
 from widedeep import data
 from widedeep.batched_fit import Trainer, stack_data
+from widedeep.batched_grad import ManualStep
 from widedeep.config import make_config
 from widedeep.errors import UserError
 from widedeep.model import build_model
@@ -81,15 +83,21 @@ def test_lecture_plain(benchmark, lecture, plain_us):
         plain_us["lecture"] = benchmark.stats.stats.median * 1e6
 
 
+@pytest.mark.parametrize("step", [pytest.param("auto", marks=pytest.mark.quick), "torch"])
 @pytest.mark.parametrize("k", [pytest.param(64, marks=pytest.mark.quick), 16, 256])
 @bench_mark("cpu")
-def test_lecture_batched(benchmark, lecture, plain_us, k):
-    """One full-batch epoch of K lecture nets on the batched engine."""
+def test_lecture_batched(benchmark, lecture, plain_us, k, step):
+    """One full-batch epoch of K lecture nets on the batched engine: with the step it picks
+    (the compiled one where there is a C compiler, see widedeep.fused), and with ``torch``,
+    its step in torch operations (widedeep.batched_grad), for comparison."""
     trainer, stacked = _trainer(lecture, k, preset="lecture")
+    if step == "torch":
+        trainer.manual = ManualStep.create(trainer.layout, trainer.act)
     with num_threads(1):
         benchmark(trainer.epoch, stacked)
     _fill(benchmark, k=k, n=len(lecture.y), widths=(6, 4), features=8, threads=1)
     info = benchmark.extra_info
+    info["step"] = type(trainer.manual).__name__
     if "us_per_model_epoch" in info and "lecture" in plain_us:
         info["plain_us_per_epoch"] = plain_us["lecture"]
         info["speedup_vs_plain"] = plain_us["lecture"] / info["us_per_model_epoch"]

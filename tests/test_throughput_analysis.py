@@ -107,9 +107,9 @@ def test_engine_table_compares_batched_with_plain_from_one_run(cpu_run, tmp_path
                              if Path(p).name == "throughput_engines.csv")).set_index("name")
     by_name = {b["name"]: b for b in run["benchmarks"]}
     plain = by_name["test_lecture_plain"]["stats"]["median"] * 1e6
-    batched = by_name["test_lecture_batched[64]"]
+    batched = by_name["test_lecture_batched[64-auto]"]
     per_model = batched["stats"]["median"] * 1e6 / 64
-    row = table.loc["test_lecture_batched[64]"]
+    row = table.loc["test_lecture_batched[64-auto]"]
     assert row["us_per_model_epoch"] == pytest.approx(per_model)
     assert row["speedup_vs_plain"] == pytest.approx(plain / per_model)
     assert table.loc["test_lecture_plain", "speedup_vs_plain"] == pytest.approx(1.0)

@@ -21,6 +21,7 @@ from widedeep import batched, batched_cuda, env
 from widedeep.batched import Layout, StackedActivation, StackedOptimizer
 from widedeep.batched_grad import ManualStep
 from widedeep.config import TrainConfig
+from widedeep.fused import FusedStep
 from widedeep.model import linear_layers
 from widedeep.train import FitResult, Split
 
@@ -73,8 +74,10 @@ class Trainer:
         self.batch_size = configs[0].batch_size
         self.orders = {c.seed: torch.Generator().manual_seed(c.seed) for c in configs}
         self.graph = None  # a captured full-batch step (CUDA only), see batched_cuda
-        # Gradients written out by hand where the layout allows, else autograd.
-        self.manual = ManualStep.create(self.layout, self.act)
+        # Small nets: one compiled call; else gradients written out in torch ops where the
+        # layout allows; else autograd.
+        self.manual = (FusedStep.create(self.layout, self.flat.device)
+                       or ManualStep.create(self.layout, self.act))
 
     def losses(self, flat: torch.Tensor, data: Data, trace: list | None = None) -> torch.Tensor:
         """(K,) per-model mean loss on ``data``."""

@@ -62,7 +62,10 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
 
 
 def environment(device: torch.device | None = None) -> dict:
-    """torch version, threads, CPU model and count, CUDA device name if any, Python, OS."""
+    """torch version, threads, CPU model and count, CUDA device name if any, Python, OS, and
+    what the batched engine's process-wide settings were (None: not used yet)."""
+    from widedeep import fused  # batched engine module: imports this one
+
     cuda = torch.cuda.is_available()
     use_cuda = device is not None and device.type == "cuda"
     return {
@@ -73,6 +76,7 @@ def environment(device: torch.device | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "malloc_retains_freed": bool(_retained),
+        "fused_step": fused.status(),
         "cuda_available": cuda,
         "cuda_device": torch.cuda.get_device_name(device if use_cuda else 0) if cuda else None,
     }

@@ -1,0 +1,140 @@
+"""The compiled step (widedeep/_fused.c) against autograd, where it applies; what happens
+where it does not, or where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from widedeep import fused
+from widedeep.batched_fit import Data, Trainer
+from widedeep.config import make_config
+from widedeep.model import build_model
+
+D = 5
+HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None
+needs_kernel = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the fused step is off")
+
+
+def _trainer(k: int, n_classes: int, **options) -> Trainer:
+    configs = [make_config(seed=s, **options) for s in range(k)]
+    models = []
+    for c in configs:
+        torch.manual_seed(c.seed)
+        models.append(build_model(c, D, n_classes))
+    return Trainer(models, configs)
+
+
+def _data(k: int, n: int, n_classes: int, shared: bool, scale: float = 2.0):
+    g = torch.Generator().manual_seed(1)
+    shape = (D, n) if shared else (k, D, n)
+    X = torch.randn(shape, generator=g) * scale
+    y = torch.randint(0, n_classes, shape[:-2] + (n,), generator=g)
+    return X, y
+
+
+def _autograd(trainer: Trainer, X, y):
+    flat = trainer.flat.detach().requires_grad_(True)
+    loss = trainer.losses(flat, Data(X, y))
+    (grad,) = torch.autograd.grad(loss.sum(), flat)
+    return loss.detach(), grad
+
+
+@needs_kernel
+def test_the_kernel_builds_where_there_is_a_compiler():
+    assert fused.library() is not None, fused.status()
+    assert fused.status() == "compiled"
+
+
+@needs_kernel
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("activation", sorted(fused.ACTIVATIONS))
+# rows: fewer than one vector, exactly two, and a ragged tail after several
+@pytest.mark.parametrize("n", [1, 32, 77])
+def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
+    trainer = _trainer(4, n_classes, activation=activation, widths=(7, 16, 3))
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(4, n, n_classes, shared)
+    want_loss, want_grad = _autograd(trainer, X, y)
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert grad.abs().sum() > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", sorted(fused.ACTIVATIONS))
+def test_saturated_units_and_huge_logits_match_autograd(activation):
+    """Inputs far out on the activations' tails, and logits beyond exp's float range."""
+    trainer = _trainer(3, 2, activation=activation, widths=(6, 4))
+    trainer.flat.mul_(30)
+    X, y = _data(3, 40, 2, True, scale=50.0)
+    want_loss, want_grad = _autograd(trainer, X, y)
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", sorted(fused.ACTIVATIONS))
+def test_a_nan_weight_spoils_its_own_model_only(activation):
+    """Divergence detection needs NaN to come out where NaN went in, and nowhere else."""
+    trainer = _trainer(3, 2, activation=activation, widths=(6, 4))
+    trainer.flat[1, 0] = float("nan")
+    loss, grad = trainer.manual(trainer.flat, *_data(3, 40, 2, True))
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).any()
+    assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("options", [
+    dict(activation="elu"), dict(activation="tanh", residual=True, widths=(6, 6)),
+    dict(activation="tanh", norm="layer"), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
+], ids=["other-activation", "residual", "layer-norm", "too-wide"])
+def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
+    trainer = _trainer(2, 2, **options)
+    assert fused.FusedStep.create(trainer.layout, trainer.flat.device) is None
+    assert not isinstance(trainer.manual, fused.FusedStep)
+
+
+def _in_child(extra_env: dict, cache) -> list[str]:
+    """(status, step class) in a fresh process with its own empty cache."""
+    code = ("import torch; from widedeep import fused; from tests.test_fused import _trainer; "
+            "t = _trainer(2, 2, activation='sigmoid'); "
+            "t.step(Data(*_data(2, 20, 2, True))); "  # it still trains
+            "print(fused.status()); print(type(t.manual).__name__)")
+    code = "from widedeep.batched_fit import Data; from tests.test_fused import _data; " + code
+    environ = os.environ | {"WIDEDEEP_CACHE": str(cache)} | extra_env
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def test_without_a_compiler_the_torch_step_runs(tmp_path):
+    out = _in_child({"CC": "no-such-compiler"}, tmp_path)
+    assert out[0] == "unavailable:" and "'no-such-compiler' not found" in " ".join(out)
+    assert out[-1] == "ManualStep"
+
+
+def test_widedeep_fused_0_turns_it_off(tmp_path):
+    out = _in_child({"WIDEDEEP_FUSED": "0"}, tmp_path)
+    assert out[:2] == ["off:", "WIDEDEEP_FUSED=0"] and out[-1] == "ManualStep"
+
+
+@needs_kernel
+def test_a_compiler_error_is_reported_not_raised(tmp_path):
+    """A compiler that fails (here: one that rejects every flag) leaves the torch step."""
+    fake = tmp_path / "badcc"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo bad 1.0; exit 0; fi\n"
+                    "echo 'badcc: error: unsupported' >&2; exit 1\n")
+    fake.chmod(0o755)
+    out = _in_child({"CC": str(fake)}, tmp_path / "cache")
+    assert out[0] == "unavailable:" and "badcc: error: unsupported" in " ".join(out)
+    assert out[-1] == "ManualStep"

@@ -1,0 +1,320 @@
+/* widedeep's fused CPU step: losses and gradients of K small MLPs in one call.
+ *
+ * Built and loaded by widedeep/fused.py (see there for when it is used). For each model in
+ * turn, the forward pass, the loss (BCE with logits on one logit, cross-entropy on several)
+ * and the backward pass run over the whole batch with every intermediate in a scratch buffer
+ * small enough to stay in cache, instead of streaming K models' activations through memory
+ * once per torch operation. Rows are the vector axis: activations are feature-major,
+ * (width, n_pad), n_pad = n rounded up to the vector width, and padded rows carry a zero
+ * gradient so they never reach a sum.
+ *
+ * Plain C with GCC/Clang vector extensions (no intrinsics: the compiler picks AVX-512, AVX2,
+ * SSE or NEON). exp, log and tanh are written out (Cephes' float polynomials) because libm's
+ * are not vectorised without -ffast-math, which would also let the compiler drop the NaN
+ * handling that divergence detection relies on: NaN in, NaN out, everywhere here.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define V 16
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(V * sizeof(int32_t))));
+
+enum { ACT_SIGMOID = 0, ACT_TANH = 1, ACT_RELU = 2 };
+
+static inline vf splat(float s) { return (vf){0} + s; }
+static inline vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+/* 1 / x: AVX-512's 14-bit estimate and one Newton step (within an ulp or two of a
+ * division, at a fraction of vdivps' cost); a plain division elsewhere. */
+static inline vf v_recip(vf x) {
+#if defined(__AVX512F__)
+    vf r = __builtin_ia32_rcp14ps512_mask(x, (vf){0}, (unsigned short)0xffff);
+    return r * (2.0f - x * r);
+#else
+    return 1.0f / x;
+#endif
+}
+
+/* The sum of a vector's lanes, as a tree (a serial sum would be a 16-add latency chain). */
+static inline float hsum(vf v) {
+    typedef float vh __attribute__((vector_size(V * sizeof(float) / 2)));
+    typedef float vq __attribute__((vector_size(V * sizeof(float) / 4)));
+    vh h, h2;
+    vq q, q2;
+    memcpy(&h, &v, sizeof h);
+    memcpy(&h2, (float *)&v + V / 2, sizeof h2);
+    h += h2;
+    memcpy(&q, &h, sizeof q);
+    memcpy(&q2, (float *)&h + V / 4, sizeof q2);
+    q += q2;
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+/* exp(x), clamped to [exp(-87), exp(88)] (normal floats); NaN stays NaN. */
+static inline vf v_exp(vf x) {
+    x = sel(x > 88.0f, splat(88.0f), x);
+    x = sel(x < -87.0f, splat(-87.0f), x);
+    vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vf p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+             + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    vi scale = (__builtin_convertvector(k, vi) + 127) << 23; /* 2^k */
+    return p * (vf)scale;
+}
+
+/* log(x) for positive x; NaN stays NaN. */
+static inline vf v_log(vf x) {
+    vi bits = (vi)x;
+    vi e = ((bits >> 23) & 0xff) - 126; /* x = m * 2^e, m in [0.5, 1) */
+    vf m = (vf)((bits & 0x007fffff) | 0x3f000000);
+    vi low = m < 0.707106781186547524f;
+    e = e + low; /* -1 where low */
+    m = sel(low, m + m - 1.0f, m - 1.0f);
+    vf z = m * m;
+    vf y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m
+                 - 1.2420140846e-1f) * m + 1.4249322787e-1f) * m - 1.6668057665e-1f) * m
+              + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m + 3.3333331174e-1f) * m * z;
+    vf fe = __builtin_convertvector(e, vf);
+    y = y - 2.12194440e-4f * fe - 0.5f * z;
+    vf r = m + y + 0.693359375f * fe;
+    return sel(x != x, x, r);
+}
+
+/* log(1 + u) for u >= 0, accurate for small u. */
+static inline vf v_log1p(vf u) {
+    vf w = 1.0f + u;
+    return sel(w == 1.0f, u, v_log(w) * (u * v_recip(w - 1.0f)));
+}
+
+static inline vf v_sigmoid(vf x) { return v_recip(1.0f + v_exp(-x)); }
+
+static inline vf v_tanh(vf x) {
+    vf ax = sel(x < 0.0f, -x, x);
+    vf big = 1.0f - 2.0f * v_recip(v_exp(ax + ax) + 1.0f);
+    big = sel(x < 0.0f, -big, big);
+    vf s = x * x;
+    vf small = ((((-5.70498872745e-3f * s + 2.06390887954e-2f) * s - 5.37397155531e-2f) * s
+                 + 1.33314422036e-1f) * s - 3.33332819422e-1f) * s * x + x;
+    return sel(ax >= 0.625f, big, small);
+}
+
+static void activate(vf *a, long count, int act) {
+    for (long c = 0; c < count; c++) {
+        vf z = a[c];
+        a[c] = act == ACT_SIGMOID ? v_sigmoid(z) : act == ACT_TANH ? v_tanh(z)
+                                                 : sel(z < 0.0f, splat(0.0f), z);
+    }
+}
+
+/* g *= activation'(z), from the activation's output a (as torch's *_backward kernels). */
+static void derive(vf *g, const vf *a, long count, int act) {
+    for (long c = 0; c < count; c++) {
+        vf ac = a[c];
+        g[c] = act == ACT_SIGMOID ? g[c] * (1.0f - ac) * ac
+             : act == ACT_TANH    ? g[c] * (1.0f - ac * ac)
+                                  : sel(ac <= 0.0f, splat(0.0f), g[c]);
+    }
+}
+
+/* The matrix products below run U row chunks at a time: U independent FMA chains, so the
+ * loops are bound by throughput rather than by one chain's latency (4 cycles per FMA). */
+#define U 8
+
+/* z (out, nc) = W (out, in) h (in, nc) + b */
+static void dense(const float *W, const float *b, const vf *h, int in, int out, int nc,
+                  vf *z) {
+    for (int j = 0; j < out; j++) {
+        const float *w = W + (long)j * in;
+        vf *zj = z + (long)j * nc;
+        int c = 0;
+        for (; c + U <= nc; c += U) {
+            vf acc[U];
+            for (int u = 0; u < U; u++) acc[u] = splat(b[j]);
+            for (int i = 0; i < in; i++) {
+                const vf *hi = h + (long)i * nc + c;
+                for (int u = 0; u < U; u++) acc[u] += w[i] * hi[u];
+            }
+            for (int u = 0; u < U; u++) zj[c + u] = acc[u];
+        }
+        for (; c < nc; c++) {
+            vf acc = splat(b[j]);
+            for (int i = 0; i < in; i++) acc += w[i] * h[(long)i * nc + c];
+            zj[c] = acc;
+        }
+    }
+}
+
+/* sum over c of a[c] * b[c], as one float */
+static float dot(const vf *a, const vf *b, int nc) {
+    vf acc[U];
+    for (int u = 0; u < U; u++) acc[u] = splat(0.0f);
+    int c = 0;
+    for (; c + U <= nc; c += U)
+        for (int u = 0; u < U; u++) acc[u] += a[c + u] * b[c + u];
+    for (; c < nc; c++) acc[0] += a[c] * b[c];
+    for (int u = 1; u < U; u++) acc[0] += acc[u];
+    return hsum(acc[0]);
+}
+
+/* sum over c of a[c], as one float */
+static float total(const vf *a, int nc) {
+    vf acc[U];
+    for (int u = 0; u < U; u++) acc[u] = splat(0.0f);
+    int c = 0;
+    for (; c + U <= nc; c += U)
+        for (int u = 0; u < U; u++) acc[u] += a[c + u];
+    for (; c < nc; c++) acc[0] += a[c];
+    for (int u = 1; u < U; u++) acc[0] += acc[u];
+    return hsum(acc[0]);
+}
+
+/* dW (out, in) = g h^T, db (out) = g summed over rows */
+static void dense_grad(const vf *g, const vf *h, int in, int out, int nc, float *dW,
+                       float *db) {
+    for (int j = 0; j < out; j++) {
+        const vf *gj = g + (long)j * nc;
+        db[j] = total(gj, nc);
+        for (int i = 0; i < in; i++) dW[(long)j * in + i] = dot(gj, h + (long)i * nc, nc);
+    }
+}
+
+/* gh (in, nc) = W^T (in, out) g (out, nc) */
+static void dense_back(const float *W, const vf *g, int in, int out, int nc, vf *gh) {
+    for (int i = 0; i < in; i++) {
+        vf *ghi = gh + (long)i * nc;
+        int c = 0;
+        for (; c + U <= nc; c += U) {
+            vf acc[U];
+            for (int u = 0; u < U; u++) acc[u] = splat(0.0f);
+            for (int j = 0; j < out; j++) {
+                const vf *gj = g + (long)j * nc + c;
+                float w = W[(long)j * in + i];
+                for (int u = 0; u < U; u++) acc[u] += w * gj[u];
+            }
+            for (int u = 0; u < U; u++) ghi[c + u] = acc[u];
+        }
+        for (; c < nc; c++) {
+            vf acc = splat(0.0f);
+            for (int j = 0; j < out; j++) acc += W[(long)j * in + i] * g[(long)j * nc + c];
+            ghi[c] = acc;
+        }
+    }
+}
+
+/* Mean loss over the n real rows, and its gradient wrt the logits o (n_out, nc) into g. */
+static float loss_grad(const vf *o, const vf *target, const vi *label, const vi *real,
+                       int n_out, int nc, int n, vf *g) {
+    vf total = splat(0.0f);
+    float inv_n = 1.0f / (float)n;
+    if (n_out == 1) {
+        for (int c = 0; c < nc; c++) {
+            vf x = o[c], t = target[c];
+            vf ax = sel(x < 0.0f, -x, x);
+            vf l = sel(x > 0.0f, x, splat(0.0f)) - x * t + v_log1p(v_exp(-ax));
+            total += sel(real[c], l, splat(0.0f));
+            g[c] = sel(real[c], (v_sigmoid(x) - t) * inv_n, splat(0.0f));
+        }
+    } else {
+        for (int c = 0; c < nc; c++) {
+            vf mx = o[c];
+            for (int j = 1; j < n_out; j++) {
+                vf v = o[(long)j * nc + c];
+                mx = sel(v > mx, v, mx);
+            }
+            vf s = splat(0.0f), picked = splat(0.0f);
+            for (int j = 0; j < n_out; j++) {
+                vf v = o[(long)j * nc + c];
+                s += v_exp(v - mx);
+                picked = sel(label[c] == j, v, picked);
+            }
+            vf lse = mx + v_log(s);
+            total += sel(real[c], lse - picked, splat(0.0f));
+            for (int j = 0; j < n_out; j++) {
+                vf p = v_exp(o[(long)j * nc + c] - lse);
+                vf d = sel(label[c] == j, p - 1.0f, p) * inv_n;
+                g[(long)j * nc + c] = sel(real[c], d, splat(0.0f));
+            }
+        }
+    }
+    return hsum(total) / (float)n;
+}
+
+/* Losses (K) and gradients (K, P) of K MLPs with parameters flat (K, P).
+ *
+ * Layer l (depth hidden layers, then the head) has its weight (out, in) at flat offset
+ * w_off[l] and its bias at b_off[l]; widths[l] is its output size. X is (d, n), shared, or
+ * (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0, or -1 when
+ * scratch memory could not be allocated.
+ */
+int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_out, int act,
+                      const float *flat, long P, const long *w_off, const long *b_off,
+                      const float *X, int x_per_model, const int64_t *y, int y_per_model,
+                      float *loss, float *grad) {
+    int nc = (n + V - 1) / V, maxw = d > n_out ? d : n_out;
+    long hidden = 0;
+    for (int l = 0; l < depth; l++) {
+        hidden += widths[l];
+        if (widths[l] > maxw) maxw = widths[l];
+    }
+    long floats = ((long)d + hidden + n_out + 2L * maxw + 1) * nc * V;
+    size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+    vf *buf = aligned_alloc(64, bytes + 2 * (size_t)nc * sizeof(vi));
+    if (buf == NULL) return -1;
+    vf *h0 = buf, *acts = h0 + (long)d * nc, *out = acts + hidden * nc;
+    vf *g1 = out + (long)n_out * nc, *g2 = g1 + (long)maxw * nc, *target = g2 + (long)maxw * nc;
+    vi *label = (vi *)((char *)buf + bytes), *real = label + nc;
+    for (int c = 0; c < nc; c++)
+        for (int r = 0; r < V; r++) real[c][r] = c * V + r < n ? -1 : 0;
+
+    for (int k = 0; k < K; k++) {
+        const float *p = flat + (long)k * P;
+        float *gk = grad + (long)k * P;
+        if (k == 0 || x_per_model) {
+            const float *xk = X + (x_per_model ? (long)k * d * n : 0);
+            for (int i = 0; i < d; i++) {
+                float *row = (float *)(h0 + (long)i * nc);
+                memcpy(row, xk + (long)i * n, n * sizeof(float));
+                memset(row + n, 0, ((long)nc * V - n) * sizeof(float));
+            }
+        }
+        if (k == 0 || y_per_model) {
+            const int64_t *yk = y + (y_per_model ? (long)k * n : 0);
+            for (int r = 0; r < nc * V; r++) {
+                int v = r < n ? (int)yk[r] : 0;
+                ((float *)target)[r] = (float)v;
+                ((int32_t *)label)[r] = v;
+            }
+        }
+        const vf *h = h0;
+        int in = d;
+        vf *a = acts;
+        for (int l = 0; l < depth; l++) {
+            dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, a);
+            activate(a, (long)widths[l] * nc, act);
+            h = a, in = widths[l], a += (long)widths[l] * nc;
+        }
+        dense(p + w_off[depth], p + b_off[depth], h, in, n_out, nc, out);
+        loss[k] = loss_grad(out, target, label, real, n_out, nc, n, g1);
+
+        /* backward: g1 holds the gradient wrt the current layer's output */
+        dense_grad(g1, h, in, n_out, nc, gk + w_off[depth], gk + b_off[depth]);
+        if (depth > 0) dense_back(p + w_off[depth], g1, in, n_out, nc, g2);
+        for (int l = depth - 1; l >= 0; l--) {
+            int w = widths[l];
+            a -= (long)w * nc; /* this layer's output */
+            const vf *below = l > 0 ? a - (long)widths[l - 1] * nc : h0;
+            int in_l = l > 0 ? widths[l - 1] : d;
+            derive(g2, a, (long)w * nc, act);
+            dense_grad(g2, below, in_l, w, nc, gk + w_off[l], gk + b_off[l]);
+            if (l > 0) {
+                dense_back(p + w_off[l], g2, in_l, w, nc, g1);
+                vf *t = g1; g1 = g2; g2 = t;
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,166 @@
+"""Batched engine, part 2c: the step of K small MLPs as one compiled CPU call.
+
+Below a few dozen units per layer, torch's per-operation cost is not the overhead but the
+memory traffic: each elementwise op streams all K models' (width, n) activations through
+memory once (a K = 64 stack of the lecture net is ~2 MB per tensor, more than L2), and a step
+is ~40 such ops. ``_fused.c`` runs the forward pass, the loss and the backward pass one model
+at a time with every intermediate in a cache-sized scratch buffer (measured in
+``bench/test_batched.py``; the README's batched-engine section has the figures).
+
+It is compiled on first use with the system C compiler (``$CC``, else ``cc``) for this CPU
+and cached under ``widedeep.data.cache_dir() / "kernels"``, keyed by source, compiler and
+CPU. Without a working compiler, or with ``WIDEDEEP_FUSED=0``, the engine uses its torch step
+(:mod:`widedeep.batched_grad`) instead; :func:`status` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from widedeep.batched import Layout
+
+SOURCE = Path(__file__).with_name("_fused.c")
+ACTIVATIONS = {"sigmoid": 0, "tanh": 1, "relu": 2}
+# Widest layer the fused step takes: beyond it, torch's GEMMs win (bench/test_batched.py).
+MAX_WIDTH = 32
+FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno")
+ARCH_FLAGS = (("-march=native",), ())  # tried in turn: not every compiler knows native
+
+_lib: ctypes.CDLL | None = None
+_status: str | None = None  # None until first asked for
+
+
+def status() -> str | None:
+    """"compiled", "off: <why>" or "unavailable: <why>"; None if nothing asked for it yet."""
+    return _status
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled step, building it on first use; None when it cannot be had."""
+    global _lib, _status
+    if _status is None:
+        if os.environ.get("WIDEDEEP_FUSED", "1").strip() in ("0", "off", "false", "no"):
+            _status = "off: WIDEDEEP_FUSED=0"
+        else:
+            try:
+                _lib = _load(_build())
+                _status = "compiled"
+            except (OSError, RuntimeError) as e:
+                _status = f"unavailable: {e}"
+    return _lib
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return platform.machine() + "\n" + "\n".join(sorted(set(wanted)))
+
+
+def _build() -> Path:
+    from widedeep.data import cache_dir
+
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} not found; set CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    source = SOURCE.read_bytes()
+    folder = cache_dir() / "kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for arch in ARCH_FLAGS:
+        flags = (*FLAGS, *arch)
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                                         _cpu_key().encode()])).hexdigest()[:16]
+        target = folder / f"fused-{key}.so"
+        if target.exists():
+            return target
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True,
+                             text=True)
+        if out.returncode == 0:
+            os.replace(tmp, target)  # atomic: parallel workers may build it at once
+            return target
+        os.unlink(tmp)
+        errors.append((out.stderr.strip().splitlines() or ["failed"])[0])
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    f = lib.widedeep_mlp_step
+    c_int, ptr, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
+    f.argtypes = [c_int, c_int, c_int, c_int, ptr, c_int, c_int,  # K d n depth widths out act
+                  ptr, c_long, ptr, ptr,  # flat P w_off b_off
+                  ptr, c_int, ptr, c_int,  # X per-model y per-model
+                  ptr, ptr]  # loss grad
+    f.restype = c_int
+    return lib
+
+
+class FusedStep:
+    """Per-model losses and gradients of K stacked MLPs, from the compiled step."""
+
+    def __init__(self, layout: Layout, lib: ctypes.CDLL):
+        self.fn, self.act = lib.widedeep_mlp_step, ACTIVATIONS[layout.activation]
+        names, shapes = layout.names, dict(zip(layout.names, layout.shapes, strict=True))
+        offsets, offset = {}, 0
+        for name in names:
+            offsets[name] = offset
+            offset += int(torch.Size(shapes[name]).numel())
+        layers = [f"blocks.{i}.linear" for i in range(layout.depth)] + ["head"]
+        self.depth, self.n_params = layout.depth, offset
+        self.d = shapes[f"{layers[0]}.weight"][1]
+        self.n_out = shapes["head.weight"][0]
+        # Kept as attributes: the C side reads them through raw pointers.
+        self._widths = (ctypes.c_int * max(1, layout.depth))(
+            *[shapes[f"{name}.weight"][0] for name in layers[:-1]])
+        self._w_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.weight"] for n in layers])
+        self._b_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.bias"] for n in layers])
+
+    @classmethod
+    def create(cls, layout: Layout, device: torch.device) -> FusedStep | None:
+        """A step for ``layout`` on ``device``, or None when the fused step does not apply
+        (not CPU, normalisation, residual blocks, another activation, too wide) or is not
+        available (see :func:`status`)."""
+        shapes = dict(zip(layout.names, layout.shapes, strict=True))
+        widths = [shapes[f"blocks.{i}.linear.weight"][0] for i in range(layout.depth)]
+        if (device.type != "cpu" or layout.norm != "none" or any(layout.residual)
+                or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH
+                or set(layout.names) != {f"{n}.{p}" for n in
+                                         [f"blocks.{i}.linear" for i in range(layout.depth)]
+                                         + ["head"] for p in ("weight", "bias")}):
+            return None
+        lib = library()
+        return cls(layout, lib) if lib is not None else None
+
+    def __call__(self, flat: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) mean losses and (K, P) gradients, as ``autograd.grad(losses.sum(), flat)``.
+
+        X is (d, n) shared by all models or (K, d, n); y is (n,) or (K, n) labels.
+        """
+        K = flat.shape[0]
+        flat = flat.detach().contiguous()
+        X = X.to(torch.float32).contiguous()
+        y = y.to(torch.int64).contiguous()
+        n = X.shape[-1]
+        loss, grad = torch.empty(K), torch.empty(K, self.n_params)
+        code = self.fn(K, self.d, n, self.depth, self._widths, self.n_out, self.act,
+                       flat.data_ptr(), self.n_params, self._w_off, self._b_off,
+                       X.data_ptr(), int(X.dim() == 3), y.data_ptr(), int(y.dim() == 2),
+                       loss.data_ptr(), grad.data_ptr())
+        if code != 0:
+            raise MemoryError("the fused step could not allocate its scratch memory")
+        return loss, grad
