@@ -69,12 +69,15 @@ def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("weight_scale", [30.0, 1e6])
 @pytest.mark.parametrize("activation", sorted(fused.ACTIVATIONS))
-def test_saturated_units_and_huge_logits_match_autograd(activation):
-    """Inputs far out on the activations' tails, and logits beyond exp's float range."""
-    trainer = _trainer(3, 2, activation=activation, widths=(6, 4))
-    trainer.flat.mul_(30)
-    X, y = _data(3, 40, 2, True, scale=50.0)
+def test_saturated_units_and_huge_logits_match_autograd(activation, weight_scale, n_classes):
+    """Inputs far out on the activations' tails, and logits far beyond exp's float range
+    (as after one step at a learning rate that makes a net diverge)."""
+    trainer = _trainer(3, n_classes, activation=activation, widths=(6, 4))
+    trainer.flat.mul_(weight_scale)
+    X, y = _data(3, 40, n_classes, True, scale=50.0)
     want_loss, want_grad = _autograd(trainer, X, y)
     loss, grad = trainer.manual(trainer.flat, X, y)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()

@@ -57,10 +57,13 @@ static inline float hsum(vf v) {
 }
 
 #if defined(__AVX512F__)
-/* exp(x) for x <= 88 (larger x: exp(88)); NaN stays NaN. AVX-512 rounds and scales by 2^k
- * in one instruction each, which halves the work of the portable version below. */
+/* exp(x), x clamped to [-104, 88] (exp(-104) is 0 in float); NaN stays NaN. AVX-512 rounds
+ * and scales by 2^k in one instruction each, which halves the work of the portable version
+ * below. The lower clamp keeps k * ln 2 exact enough: r must stay within ln 2 / 2. */
 static inline vf v_exp(vf x) {
-    __m512 v = _mm512_min_ps(_mm512_set1_ps(88.0f), (__m512)x); /* NaN: min returns x */
+    /* NaN: min and max return their second operand */
+    __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f),
+                             _mm512_min_ps(_mm512_set1_ps(88.0f), (__m512)x));
     __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vf r = (vf)v - (vf)k * 0.693359375f + (vf)k * 2.12194440e-4f;
@@ -296,10 +299,12 @@ static float loss_grad(const vf *o, const vf *target, const vi *label, const vi 
                 s += v_exp(v - mx);
                 picked = sel(label[c] == j, v, picked);
             }
-            vf lse = mx + v_log(s);
-            total += sel(real[c], lse - picked, splat(0.0f));
+            /* as log_softmax: (o - max) - log(s), never (o - (max + log(s))), which loses
+             * the small log(s) next to a large max */
+            vf ls = v_log(s);
+            total += sel(real[c], (mx - picked) + ls, splat(0.0f));
             for (int j = 0; j < n_out; j++) {
-                vf p = v_exp(o[(long)j * nc + c] - lse);
+                vf p = v_exp((o[(long)j * nc + c] - mx) - ls);
                 vf d = sel(label[c] == j, p - 1.0f, p) * inv_n;
                 g[(long)j * nc + c] = sel(real[c], d, splat(0.0f));
             }
