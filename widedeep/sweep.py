@@ -9,6 +9,7 @@ records each trial in the study storage (see :mod:`widedeep.sweep_store`); ``tri
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -182,9 +183,10 @@ def default_storage(spec: SweepSpec | None = None) -> str:
     return DEFAULT_STORAGE
 
 
-def prepare(spec: SweepSpec, url: str) -> None:
-    """Create the study (or check it matches ``spec``) and its pending claim rows."""
-    with Store(url) as store:
+def prepare(spec: SweepSpec, url: str, store: Store | None = None) -> None:
+    """Create the study (or check it matches ``spec``) and its pending claim rows (in
+    ``store`` when given, an open Store of ``url``)."""
+    with Store(url) if store is None else contextlib.nullcontext(store) as store:
         study = store.study(spec.name, create=True, direction="minimize")
         saved = study.user_attrs.get(SPEC_ATTR)
         if saved is None:
@@ -210,9 +212,10 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, workers: int = 1,
     if workers < 1:
         raise UserError(f"workers must be >= 1, got workers={workers}")
     url = storage or default_storage(spec)
-    prepare(spec, url)
-    return sweep_worker.run_workers(spec, url, workers=workers, progress=progress,
-                                    grace_s=grace_s)
+    with Store(url) as store:  # opened once: an Optuna storage takes ~0.5 s to open
+        prepare(spec, url, store)
+        return sweep_worker.run_workers(spec, url, workers=workers, progress=progress,
+                                        grace_s=grace_s, store=store)
 
 
 # ---------------------------------------------------------------------- reading results

@@ -212,13 +212,14 @@ def _finished(store: Store, name: str, prefix: str | None = None) -> dict[str, i
 
 
 def run_workers(spec, url: str, *, workers: int, progress: bool,
-                grace_s: float | None) -> dict:
-    """Run ``workers`` workers (1: in this process) and return the sweep's counts."""
+                grace_s: float | None, store: Store | None = None) -> dict:
+    """Run ``workers`` workers (1: in this process) and return the sweep's counts (in
+    ``store`` when given, an open Store of ``url``)."""
     grace_s = GRACE_S if grace_s is None else grace_s
     run_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}/"
     n_points = math.prod(len(v) for v in spec.grid.values())
     group = len(spec.seeds) if n_points >= workers else 1
-    with Store(url) as store:
+    with Store(url) if store is None else contextlib.nullcontext(store) as store:
         total = len(spec.points()) * len(spec.seeds)
         bar = tqdm(total=total, initial=sum(_finished(store, spec.name).values()),
                    disable=not progress or not sys.stderr.isatty(), file=sys.stderr,
