@@ -138,29 +138,61 @@ static inline vf act_back(vf g, vf a, int act) {
 }
 
 /* The matrix products below run U row chunks at a time: U independent FMA chains, so the
- * loops are bound by throughput rather than by one chain's latency (4 cycles per FMA). */
+ * loops are bound by throughput rather than by one chain's latency (4 cycles per FMA). Their
+ * outer loop is over blocks of U chunks, so that the block of the operand read by every
+ * output (in x U vectors: 32 KB at width 64) stays in L1 while all outputs are computed. */
 #define U 8
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* z (out, nc) = act(W (out, in) h (in, nc) + b) */
-static inline __attribute__((always_inline)) void dense_(const float *W, const float *b, const vf *h, int in, int out, int nc,
-                  int act, vf *z) {
-    for (int j = 0; j < out; j++) {
-        const float *w = W + (long)j * in;
-        vf *zj = z + (long)j * nc;
-        int c = 0;
-        for (; c + U <= nc; c += U) {
+ALWAYS_INLINE void dense_(const float *W, const float *b, const vf *h, int in, int out, int nc,
+                          int act, vf *z) {
+    int c = 0;
+    for (; c + U <= nc; c += U) {
+        for (int j = 0; j < out; j++) {
+            const float *w = W + (long)j * in;
             vf acc[U];
             for (int u = 0; u < U; u++) acc[u] = splat(b[j]);
             for (int i = 0; i < in; i++) {
                 const vf *hi = h + (long)i * nc + c;
                 for (int u = 0; u < U; u++) acc[u] += w[i] * hi[u];
             }
-            for (int u = 0; u < U; u++) zj[c + u] = act_fwd(acc[u], act);
+            for (int u = 0; u < U; u++) z[(long)j * nc + c + u] = act_fwd(acc[u], act);
         }
-        for (; c < nc; c++) {
+    }
+    for (; c < nc; c++) {
+        for (int j = 0; j < out; j++) {
             vf acc = splat(b[j]);
-            for (int i = 0; i < in; i++) acc += w[i] * h[(long)i * nc + c];
-            zj[c] = act_fwd(acc, act);
+            for (int i = 0; i < in; i++) acc += W[(long)j * in + i] * h[(long)i * nc + c];
+            z[(long)j * nc + c] = act_fwd(acc, act);
+        }
+    }
+}
+
+/* gh (in, nc) = W^T (in, out) g (out, nc), times the derivative of the activation whose
+ * output a (in, nc) was this layer's input: the gradient wrt that activation's input. */
+ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, int act, int in,
+                               int out, int nc, vf *gh) {
+    int c = 0;
+    for (; c + U <= nc; c += U) {
+        for (int i = 0; i < in; i++) {
+            vf acc[U];
+            for (int u = 0; u < U; u++) acc[u] = splat(0.0f);
+            for (int j = 0; j < out; j++) {
+                const vf *gj = g + (long)j * nc + c;
+                float w = W[(long)j * in + i];
+                for (int u = 0; u < U; u++) acc[u] += w * gj[u];
+            }
+            long at = (long)i * nc + c;
+            for (int u = 0; u < U; u++) gh[at + u] = act_back(acc[u], a[at + u], act);
+        }
+    }
+    for (; c < nc; c++) {
+        for (int i = 0; i < in; i++) {
+            vf acc = splat(0.0f);
+            for (int j = 0; j < out; j++) acc += W[(long)j * in + i] * g[(long)j * nc + c];
+            long at = (long)i * nc + c;
+            gh[at] = act_back(acc, a[at], act);
         }
     }
 }
@@ -190,16 +222,17 @@ static float total(const vf *a, int nc) {
 }
 
 /* dW (out, in) = g h^T, db (out) = g summed over rows. Blocks of 2 outputs x 4 inputs share
- * their loads: 6 vectors loaded for 8 FMAs, against 2 for 1 in a plain dot product. */
+ * their loads (6 vectors for 8 FMAs, against 2 for 1 in a plain dot product); the 4 input
+ * rows of a block stay in L1 while every output pair streams past them. */
 static void dense_grad(const vf *g, const vf *h, int in, int out, int nc, float *dW,
                        float *db) {
     for (int j = 0; j < out; j++) db[j] = total(g + (long)j * nc, nc);
-    int j = 0;
-    for (; j + 2 <= out; j += 2) {
-        const vf *g0 = g + (long)j * nc, *g1 = g0 + nc;
-        int i = 0;
-        for (; i + 4 <= in; i += 4) {
-            const vf *h0 = h + (long)i * nc;
+    int i = 0;
+    for (; i + 4 <= in; i += 4) {
+        const vf *h0 = h + (long)i * nc;
+        int j = 0;
+        for (; j + 2 <= out; j += 2) {
+            const vf *g0 = g + (long)j * nc, *g1 = g0 + nc;
             vf a[8];
             for (int u = 0; u < 8; u++) a[u] = splat(0.0f);
             for (int c = 0; c < nc; c++) {
@@ -215,40 +248,13 @@ static void dense_grad(const vf *g, const vf *h, int in, int out, int nc, float 
                 dW[(long)(j + 1) * in + i + u] = hsum(a[4 + u]);
             }
         }
-        for (; i < in; i++) {
-            dW[(long)j * in + i] = dot(g0, h + (long)i * nc, nc);
-            dW[(long)(j + 1) * in + i] = dot(g1, h + (long)i * nc, nc);
-        }
+        for (; j < out; j++)
+            for (int u = 0; u < 4; u++)
+                dW[(long)j * in + i + u] = dot(g + (long)j * nc, h0 + (long)u * nc, nc);
     }
-    for (; j < out; j++)
-        for (int i = 0; i < in; i++)
+    for (; i < in; i++)
+        for (int j = 0; j < out; j++)
             dW[(long)j * in + i] = dot(g + (long)j * nc, h + (long)i * nc, nc);
-}
-
-/* gh (in, nc) = W^T (in, out) g (out, nc), times the derivative of the activation whose
- * output a (in, nc) was this layer's input: the gradient wrt that activation's input. */
-static inline __attribute__((always_inline)) void dense_back_(const float *W, const vf *g, const vf *a, int act, int in, int out,
-                       int nc, vf *gh) {
-    for (int i = 0; i < in; i++) {
-        vf *ghi = gh + (long)i * nc;
-        const vf *ai = a + (long)i * nc;
-        int c = 0;
-        for (; c + U <= nc; c += U) {
-            vf acc[U];
-            for (int u = 0; u < U; u++) acc[u] = splat(0.0f);
-            for (int j = 0; j < out; j++) {
-                const vf *gj = g + (long)j * nc + c;
-                float w = W[(long)j * in + i];
-                for (int u = 0; u < U; u++) acc[u] += w * gj[u];
-            }
-            for (int u = 0; u < U; u++) ghi[c + u] = act_back(acc[u], ai[c + u], act);
-        }
-        for (; c < nc; c++) {
-            vf acc = splat(0.0f);
-            for (int j = 0; j < out; j++) acc += W[(long)j * in + i] * g[(long)j * nc + c];
-            ghi[c] = act_back(acc, ai[c], act);
-        }
-    }
 }
 
 /* dense_ and dense_back_ compiled once per activation, so that none tests which inside. */
@@ -325,6 +331,10 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
                       float *loss, float *grad) {
     int nc = (n + V - 1) / V, maxw = d > n_out ? d : n_out;
+    /* NOTE: an odd row stride (in cache lines): with an even one, the rows of a layer map to a
+     * fraction of L1's sets (48 lines: a quarter) and evict each other at width >= 16. The
+     * extra chunk is padding, like the tail of the last one. */
+    if (nc >= 16) nc |= 1;
     long hidden = 0;
     for (int l = 0; l < depth; l++) {
         hidden += widths[l];
