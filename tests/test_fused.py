@@ -54,7 +54,7 @@ def test_the_kernel_builds_where_there_is_a_compiler():
 @needs_kernel
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
 @pytest.mark.parametrize("n_classes", [2, 3])
-@pytest.mark.parametrize("activation", sorted(fused.ACTIVATIONS))
+@pytest.mark.parametrize("activation", fused.ACTIVATIONS)
 # rows: fewer than one vector, exactly two, and a ragged tail after several
 @pytest.mark.parametrize("n", [1, 32, 77])
 def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
@@ -71,22 +71,27 @@ def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
 @needs_kernel
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("weight_scale", [30.0, 1e6])
-@pytest.mark.parametrize("activation", sorted(fused.ACTIVATIONS))
+@pytest.mark.parametrize("activation", fused.ACTIVATIONS)
 def test_saturated_units_and_huge_logits_match_autograd(activation, weight_scale, n_classes):
     """Inputs far out on the activations' tails, and logits far beyond exp's float range
-    (as after one step at a learning rate that makes a net diverge)."""
+    (as after one step at a learning rate that makes a net diverge): finite, and close to
+    float64 autograd. NOTE: at these magnitudes float32 logits carry errors of ~1e-6 of their
+    scale, so two float32 implementations differ at that level, not at a few ulps."""
     trainer = _trainer(3, n_classes, activation=activation, widths=(6, 4))
     trainer.flat.mul_(weight_scale)
     X, y = _data(3, 40, n_classes, True, scale=50.0)
-    want_loss, want_grad = _autograd(trainer, X, y)
     loss, grad = trainer.manual(trainer.flat, X, y)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4)
+    flat64 = trainer.flat.double().requires_grad_(True)
+    loss64 = trainer.losses(flat64, Data(X.double(), y))
+    (grad64,) = torch.autograd.grad(loss64.sum(), flat64)
+    for ours, exact in ((loss, loss64), (grad, grad64)):
+        torch.testing.assert_close(ours.double(), exact.detach(), rtol=1e-3,
+                                   atol=1e-5 * exact.abs().max().item())
 
 
 @needs_kernel
-@pytest.mark.parametrize("activation", sorted(fused.ACTIVATIONS))
+@pytest.mark.parametrize("activation", fused.ACTIVATIONS)
 def test_a_nan_weight_spoils_its_own_model_only(activation):
     """Divergence detection needs NaN to come out where NaN went in, and nowhere else."""
     trainer = _trainer(3, 2, activation=activation, widths=(6, 4))
@@ -97,7 +102,7 @@ def test_a_nan_weight_spoils_its_own_model_only(activation):
 
 
 @pytest.mark.parametrize("options", [
-    dict(activation="elu"), dict(activation="tanh", residual=True, widths=(6, 6)),
+    dict(activation="gelu"), dict(activation="tanh", residual=True, widths=(6, 6)),
     dict(activation="tanh", norm="layer"), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
 ], ids=["other-activation", "residual", "layer-norm", "too-wide"])
 def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):

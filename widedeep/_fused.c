@@ -24,7 +24,19 @@
 typedef float vf __attribute__((vector_size(V * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(V * sizeof(int32_t))));
 
-enum { ACT_SIGMOID = 0, ACT_TANH = 1, ACT_RELU = 2 };
+/* Activations (codes shared with fused.py); p0, p1 are their parameters. */
+enum {
+    ACT_NONE = -1, ACT_SIGMOID, ACT_TANH, ACT_RELU,
+    ACT_LEAKY_RELU, /* p0: negative slope */
+    ACT_ELU,        /* p0: alpha */
+    ACT_SELU,
+    ACT_CELU,       /* p0: alpha */
+    ACT_HARDTANH,   /* p0, p1: min, max (ReLU6: 0, 6) */
+    ACT_LOGSIGMOID,
+    ACT_SOFTPLUS,   /* p0, p1: beta, threshold */
+};
+#define SELU_ALPHA 1.6732632423543772848170429916717f
+#define SELU_SCALE 1.0507009873554804934193349852946f
 
 static inline vf splat(float s) { return (vf){0} + s; }
 static inline vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
@@ -111,6 +123,13 @@ static inline vf v_log1p(vf u) {
     return sel(w == 1.0f, u, v_log(w) * (u * v_recip(w - 1.0f)));
 }
 
+/* exp(x) - 1, accurate near 0 (where exp(x) - 1 would cancel): a Taylor polynomial there. */
+static inline vf v_expm1(vf x) {
+    vf t = ((((((1.0f / 5040) * x + 1.0f / 720) * x + 1.0f / 120) * x + 1.0f / 24) * x
+             + 1.0f / 6) * x + 0.5f) * (x * x) + x;
+    return sel(sel(x < 0.0f, -x, x) < 0.35f, t, v_exp(x) - 1.0f);
+}
+
 static inline vf v_sigmoid(vf x) { return v_recip(1.0f + v_exp(-x)); }
 
 static inline vf v_tanh(vf x) {
@@ -123,18 +142,44 @@ static inline vf v_tanh(vf x) {
     return sel(ax >= 0.625f, big, small);
 }
 
-enum { ACT_NONE = -1 };
-
-/* The activation of z (none for the head). */
-static inline vf act_fwd(vf z, int act) {
-    return act == ACT_SIGMOID ? v_sigmoid(z) : act == ACT_TANH ? v_tanh(z)
-         : act == ACT_RELU    ? sel(z < 0.0f, splat(0.0f), z) : z;
+/* The activation of z (none for the head). Each needs only its output a for its
+ * derivative below, so no pre-activation is kept. */
+static inline vf act_fwd(vf z, int act, float p0, float p1) {
+    switch (act) {
+    case ACT_SIGMOID: return v_sigmoid(z);
+    case ACT_TANH: return v_tanh(z);
+    case ACT_RELU: return sel(z < 0.0f, splat(0.0f), z);
+    case ACT_LEAKY_RELU: return sel(z < 0.0f, z * p0, z);
+    case ACT_ELU: return sel(z > 0.0f, z, p0 * v_expm1(z));
+    case ACT_SELU: return SELU_SCALE * sel(z > 0.0f, z, SELU_ALPHA * v_expm1(z));
+    case ACT_CELU: return sel(z > 0.0f, z, p0 * v_expm1(z * (1.0f / p0)));
+    case ACT_HARDTANH: return sel(z < p0, splat(p0), sel(z > p1, splat(p1), z));
+    case ACT_LOGSIGMOID: /* min(z, 0) - log(1 + exp(-|z|)) */
+        return sel(z > 0.0f, splat(0.0f), z) - v_log1p(v_exp(-sel(z < 0.0f, -z, z)));
+    case ACT_SOFTPLUS: {
+        vf bz = z * p0;
+        return sel(bz > p1, z, v_log1p(v_exp(bz)) * (1.0f / p0));
+    }
+    default: return z;
+    }
 }
 
 /* g * activation'(z), from the activation's output a (as torch's *_backward kernels). */
-static inline vf act_back(vf g, vf a, int act) {
-    return act == ACT_SIGMOID ? g * (1.0f - a) * a : act == ACT_TANH ? g * (1.0f - a * a)
-         : act == ACT_RELU    ? sel(a <= 0.0f, splat(0.0f), g) : g;
+static inline vf act_back(vf g, vf a, int act, float p0, float p1) {
+    switch (act) {
+    case ACT_SIGMOID: return g * (1.0f - a) * a;
+    case ACT_TANH: return g * (1.0f - a * a);
+    case ACT_RELU: return sel(a <= 0.0f, splat(0.0f), g);
+    case ACT_LEAKY_RELU: return sel(a > 0.0f, g, g * p0);
+    case ACT_ELU: return sel(a > 0.0f, g, g * (a + p0)); /* alpha exp(z) = a + alpha */
+    case ACT_SELU: return sel(a > 0.0f, g * SELU_SCALE, g * (a + SELU_SCALE * SELU_ALPHA));
+    case ACT_CELU: return sel(a > 0.0f, g, g * (a * (1.0f / p0) + 1.0f)); /* exp(z / alpha) */
+    case ACT_HARDTANH: return sel((a <= p0) | (a >= p1), splat(0.0f), g);
+    case ACT_LOGSIGMOID: return -g * v_expm1(a); /* sigmoid(-z) = 1 - exp(a) */
+    case ACT_SOFTPLUS: /* sigmoid(beta z) = 1 - exp(-beta a) */
+        return sel(a * p0 > p1, g, -g * v_expm1(-a * p0));
+    default: return g;
+    }
 }
 
 /* The matrix products below run U row chunks at a time: U independent FMA chains, so the
@@ -146,7 +191,7 @@ static inline vf act_back(vf g, vf a, int act) {
 
 /* z (out, nc) = act(W (out, in) h (in, nc) + b) */
 ALWAYS_INLINE void dense_(const float *W, const float *b, const vf *h, int in, int out, int nc,
-                          int act, vf *z) {
+                          int act, float p0, float p1, vf *z) {
     int c = 0;
     for (; c + U <= nc; c += U) {
         for (int j = 0; j < out; j++) {
@@ -157,22 +202,22 @@ ALWAYS_INLINE void dense_(const float *W, const float *b, const vf *h, int in, i
                 const vf *hi = h + (long)i * nc + c;
                 for (int u = 0; u < U; u++) acc[u] += w[i] * hi[u];
             }
-            for (int u = 0; u < U; u++) z[(long)j * nc + c + u] = act_fwd(acc[u], act);
+            for (int u = 0; u < U; u++) z[(long)j * nc + c + u] = act_fwd(acc[u], act, p0, p1);
         }
     }
     for (; c < nc; c++) {
         for (int j = 0; j < out; j++) {
             vf acc = splat(b[j]);
             for (int i = 0; i < in; i++) acc += W[(long)j * in + i] * h[(long)i * nc + c];
-            z[(long)j * nc + c] = act_fwd(acc, act);
+            z[(long)j * nc + c] = act_fwd(acc, act, p0, p1);
         }
     }
 }
 
 /* gh (in, nc) = W^T (in, out) g (out, nc), times the derivative of the activation whose
  * output a (in, nc) was this layer's input: the gradient wrt that activation's input. */
-ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, int act, int in,
-                               int out, int nc, vf *gh) {
+ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, int act, float p0,
+                               float p1, int in, int out, int nc, vf *gh) {
     int c = 0;
     for (; c + U <= nc; c += U) {
         for (int i = 0; i < in; i++) {
@@ -184,7 +229,7 @@ ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, int act
                 for (int u = 0; u < U; u++) acc[u] += w * gj[u];
             }
             long at = (long)i * nc + c;
-            for (int u = 0; u < U; u++) gh[at + u] = act_back(acc[u], a[at + u], act);
+            for (int u = 0; u < U; u++) gh[at + u] = act_back(acc[u], a[at + u], act, p0, p1);
         }
     }
     for (; c < nc; c++) {
@@ -192,7 +237,7 @@ ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, int act
             vf acc = splat(0.0f);
             for (int j = 0; j < out; j++) acc += W[(long)j * in + i] * g[(long)j * nc + c];
             long at = (long)i * nc + c;
-            gh[at] = act_back(acc, a[at], act);
+            gh[at] = act_back(acc, a[at], act, p0, p1);
         }
     }
 }
@@ -258,22 +303,26 @@ static void dense_grad(const vf *g, const vf *h, int in, int out, int nc, float 
 }
 
 /* dense_ and dense_back_ compiled once per activation, so that none tests which inside. */
+#define EACH_ACTIVATION(X) X(ACT_SIGMOID) X(ACT_TANH) X(ACT_RELU) X(ACT_LEAKY_RELU) X(ACT_ELU) \
+    X(ACT_SELU) X(ACT_CELU) X(ACT_HARDTANH) X(ACT_LOGSIGMOID) X(ACT_SOFTPLUS)
+
 static void dense(const float *W, const float *b, const vf *h, int in, int out, int nc,
-                  int act, vf *z) {
+                  int act, const float *p, vf *z) {
     switch (act) {
-    case ACT_SIGMOID: dense_(W, b, h, in, out, nc, ACT_SIGMOID, z); break;
-    case ACT_TANH: dense_(W, b, h, in, out, nc, ACT_TANH, z); break;
-    case ACT_RELU: dense_(W, b, h, in, out, nc, ACT_RELU, z); break;
-    default: dense_(W, b, h, in, out, nc, ACT_NONE, z);
+#define CASE(A) case A: dense_(W, b, h, in, out, nc, A, p[0], p[1], z); break;
+    EACH_ACTIVATION(CASE)
+#undef CASE
+    default: dense_(W, b, h, in, out, nc, ACT_NONE, 0.0f, 0.0f, z);
     }
 }
 
-static void dense_back(const float *W, const vf *g, const vf *a, int act, int in, int out,
-                       int nc, vf *gh) {
+static void dense_back(const float *W, const vf *g, const vf *a, int act, const float *p,
+                       int in, int out, int nc, vf *gh) {
     switch (act) {
-    case ACT_SIGMOID: dense_back_(W, g, a, ACT_SIGMOID, in, out, nc, gh); break;
-    case ACT_TANH: dense_back_(W, g, a, ACT_TANH, in, out, nc, gh); break;
-    default: dense_back_(W, g, a, ACT_RELU, in, out, nc, gh);
+#define CASE(A) case A: dense_back_(W, g, a, A, p[0], p[1], in, out, nc, gh); break;
+    EACH_ACTIVATION(CASE)
+#undef CASE
+    default: dense_back_(W, g, a, ACT_NONE, 0.0f, 0.0f, in, out, nc, gh);
     }
 }
 
@@ -322,11 +371,13 @@ static float loss_grad(const vf *o, const vf *target, const vi *label, const vi 
 /* Losses (K) and gradients (K, P) of K MLPs with parameters flat (K, P).
  *
  * Layer l (depth hidden layers, then the head) has its weight (out, in) at flat offset
- * w_off[l] and its bias at b_off[l]; widths[l] is its output size. X is (d, n), shared, or
+ * w_off[l] and its bias at b_off[l]; widths[l] is its output size; hidden layers apply
+ * activation act (ACT_*) with parameters act_params[0..1]. X is (d, n), shared, or
  * (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0, or -1 when
  * scratch memory could not be allocated.
  */
 int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_out, int act,
+                      const float *act_params,
                       const float *flat, long P, const long *w_off, const long *b_off,
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
                       float *loss, float *grad) {
@@ -373,15 +424,15 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
         int in = d;
         vf *a = acts;
         for (int l = 0; l < depth; l++) {
-            dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act, a);
+            dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act, act_params, a);
             h = a, in = widths[l], a += (long)widths[l] * nc;
         }
-        dense(p + w_off[depth], p + b_off[depth], h, in, n_out, nc, ACT_NONE, out);
+        dense(p + w_off[depth], p + b_off[depth], h, in, n_out, nc, ACT_NONE, act_params, out);
         loss[k] = loss_grad(out, target, label, real, n_out, nc, n, g1);
 
         /* backward: g1 holds the gradient wrt the pre-activation of the layer above h */
         dense_grad(g1, h, in, n_out, nc, gk + w_off[depth], gk + b_off[depth]);
-        if (depth > 0) dense_back(p + w_off[depth], g1, h, act, in, n_out, nc, g2);
+        if (depth > 0) dense_back(p + w_off[depth], g1, h, act, act_params, in, n_out, nc, g2);
         for (int l = depth - 1; l >= 0; l--) {
             int w = widths[l];
             a -= (long)w * nc; /* this layer's output; g2: the gradient wrt its input */
@@ -389,7 +440,7 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
             int in_l = l > 0 ? widths[l - 1] : d;
             dense_grad(g2, below, in_l, w, nc, gk + w_off[l], gk + b_off[l]);
             if (l > 0) {
-                dense_back(p + w_off[l], g2, below, act, in_l, w, nc, g1);
+                dense_back(p + w_off[l], g2, below, act, act_params, in_l, w, nc, g1);
                 vf *t = g1; g1 = g2; g2 = t;
             }
         }

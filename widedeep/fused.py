@@ -22,14 +22,33 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from widedeep.activations import get_activation, list_activations
 from widedeep.batched import Layout
 
 SOURCE = Path(__file__).with_name("_fused.c")
-ACTIVATIONS = {"sigmoid": 0, "tanh": 1, "relu": 2}
+# The activation codes of _fused.c (ACT_*), and the parameters each passes to it.
+# NOTE: exact types, not isinstance: ReLU6 is a Hardtanh, and a subclass may change forward.
+_CODES: dict[type, Callable[[nn.Module], tuple[int, float, float]]] = {
+    nn.Sigmoid: lambda m: (0, 0.0, 0.0),
+    nn.Tanh: lambda m: (1, 0.0, 0.0),
+    nn.ReLU: lambda m: (2, 0.0, 0.0),
+    nn.LeakyReLU: lambda m: (3, m.negative_slope, 0.0),
+    nn.ELU: lambda m: (4, m.alpha, 0.0),
+    nn.SELU: lambda m: (5, 0.0, 0.0),
+    nn.CELU: lambda m: (6, m.alpha, 0.0),
+    nn.Hardtanh: lambda m: (7, m.min_val, m.max_val),
+    nn.ReLU6: lambda m: (7, 0.0, 6.0),
+    nn.LogSigmoid: lambda m: (8, 0.0, 0.0),
+    nn.Softplus: lambda m: (9, m.beta, m.threshold),
+}
+ACTIVATIONS = sorted(name for name in list_activations()
+                     if type(get_activation(name).create()) in _CODES)
 # Widest layer the fused step takes: at 128, torch's GEMMs win (measured on the dev VM:
 # 4 x 64 tanh nets, Adam, K=8: 1.2 ms vs 1.5 ms per model-epoch; 4 x 128: 5.5 vs 4.2 ms).
 MAX_WIDTH = 64
@@ -102,7 +121,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     f = lib.widedeep_mlp_step
     c_int, ptr, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
-    f.argtypes = [c_int, c_int, c_int, c_int, ptr, c_int, c_int,  # K d n depth widths out act
+    f.argtypes = [c_int, c_int, c_int, c_int, ptr, c_int,  # K d n depth widths n_out
+                  c_int, ptr,  # act act_params
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
                   ptr, ptr]  # loss grad
@@ -114,7 +134,10 @@ class FusedStep:
     """Per-model losses and gradients of K stacked MLPs, from the compiled step."""
 
     def __init__(self, layout: Layout, lib: ctypes.CDLL):
-        self.fn, self.act = lib.widedeep_mlp_step, ACTIVATIONS[layout.activation]
+        self.fn = lib.widedeep_mlp_step
+        module = get_activation(layout.activation).create()
+        code, p0, p1 = _CODES[type(module)](module)
+        self.act, self._act_params = code, (ctypes.c_float * 2)(p0, p1)
         names, shapes = layout.names, dict(zip(layout.names, layout.shapes, strict=True))
         offsets, offset = {}, 0
         for name in names:
@@ -159,7 +182,7 @@ class FusedStep:
         n = X.shape[-1]
         loss, grad = torch.empty(K), torch.empty(K, self.n_params)
         code = self.fn(K, self.d, n, self.depth, self._widths, self.n_out, self.act,
-                       flat.data_ptr(), self.n_params, self._w_off, self._b_off,
+                       self._act_params, flat.data_ptr(), self.n_params, self._w_off, self._b_off,
                        X.data_ptr(), int(X.dim() == 3), y.data_ptr(), int(y.dim() == 2),
                        loss.data_ptr(), grad.data_ptr())
         if code != 0:
