@@ -92,17 +92,22 @@ def test_saturated_units_and_huge_logits_match_autograd(activation, weight_scale
 
 @needs_kernel
 @pytest.mark.parametrize("activation", fused.ACTIVATIONS)
-def test_a_nan_weight_spoils_its_own_model_only(activation):
-    """Divergence detection needs NaN to come out where NaN went in, and nowhere else."""
+def test_a_nan_weight_spoils_its_own_model_as_in_torch(activation):
+    """Divergence detection sees what the torch step would show it: a NaN weight reaches its
+    model's loss and gradient, and never another model's."""
     trainer = _trainer(3, 2, activation=activation, widths=(6, 4))
     trainer.flat[1, 0] = float("nan")
-    loss, grad = trainer.manual(trainer.flat, *_data(3, 40, 2, True))
+    X, y = _data(3, 40, 2, True)
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    want_loss, want_grad = _autograd(trainer, X, y)
+    assert torch.equal(torch.isnan(loss), torch.isnan(want_loss))
+    assert torch.equal(torch.isnan(grad).any(1), torch.isnan(want_grad).any(1))
     assert torch.isnan(loss[1]) and torch.isnan(grad[1]).any()
     assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
 
 
 @pytest.mark.parametrize("options", [
-    dict(activation="gelu"), dict(activation="tanh", residual=True, widths=(6, 6)),
+    dict(activation="softmax"), dict(activation="tanh", residual=True, widths=(6, 6)),
     dict(activation="tanh", norm="layer"), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
 ], ids=["other-activation", "residual", "layer-norm", "too-wide"])
 def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
@@ -146,3 +151,13 @@ def test_a_compiler_error_is_reported_not_raised(tmp_path):
     out = _in_child({"CC": str(fake)}, tmp_path / "cache")
     assert out[0] == "unavailable:" and "badcc: error: unsupported" in " ".join(out)
     assert out[-1] == "ManualStep"
+
+
+@needs_kernel
+def test_the_step_leaves_denormals_as_it_found_them():
+    """The kernel flushes denormals to zero while it runs, and only then."""
+    tiny = torch.tensor([1e-40])
+    assert (tiny * 1.0).item() != 0.0
+    trainer = _trainer(2, 2, activation="gelu", widths=(6,))
+    trainer.manual(trainer.flat, *_data(2, 20, 2, True))
+    assert (tiny * 1.0).item() != 0.0

@@ -34,7 +34,7 @@ from widedeep.batched import Layout
 SOURCE = Path(__file__).with_name("_fused.c")
 # The activation codes of _fused.c (ACT_*), and the parameters each passes to it.
 # NOTE: exact types, not isinstance: ReLU6 is a Hardtanh, and a subclass may change forward.
-_CODES: dict[type, Callable[[nn.Module], tuple[int, float, float]]] = {
+_CODES: dict[type, Callable[[nn.Module], tuple[int, float, float] | None]] = {
     nn.Sigmoid: lambda m: (0, 0.0, 0.0),
     nn.Tanh: lambda m: (1, 0.0, 0.0),
     nn.ReLU: lambda m: (2, 0.0, 0.0),
@@ -46,9 +46,26 @@ _CODES: dict[type, Callable[[nn.Module], tuple[int, float, float]]] = {
     nn.ReLU6: lambda m: (7, 0.0, 6.0),
     nn.LogSigmoid: lambda m: (8, 0.0, 0.0),
     nn.Softplus: lambda m: (9, m.beta, m.threshold),
+    nn.SiLU: lambda m: (10, 0.0, 0.0),
+    nn.GELU: lambda m: (11, 0.0, 0.0) if m.approximate == "none" else None,
+    nn.Mish: lambda m: (12, 0.0, 0.0),
+    nn.Hardswish: lambda m: (13, 0.0, 0.0),
+    nn.Hardsigmoid: lambda m: (14, 0.0, 0.0),
+    nn.Softshrink: lambda m: (15, m.lambd, 0.0),
+    nn.Tanhshrink: lambda m: (16, 0.0, 0.0),
+    nn.Softsign: lambda m: (17, 0.0, 0.0),
+    nn.Threshold: lambda m: (18, m.threshold, m.value),
 }
+
+
+def _code_of(module: nn.Module) -> tuple[int, float, float] | None:
+    """(code, p0, p1) of an activation module for _fused.c, or None when it has none."""
+    code = _CODES.get(type(module))
+    return code(module) if code is not None else None
+
+
 ACTIVATIONS = sorted(name for name in list_activations()
-                     if type(get_activation(name).create()) in _CODES)
+                     if _code_of(get_activation(name).create()) is not None)
 # Widest layer the fused step takes: at 128, torch's GEMMs win (measured on the dev VM:
 # 4 x 64 tanh nets, Adam, K=8: 1.2 ms vs 1.5 ms per model-epoch; 4 x 128: 5.5 vs 4.2 ms).
 MAX_WIDTH = 64
@@ -136,7 +153,7 @@ class FusedStep:
     def __init__(self, layout: Layout, lib: ctypes.CDLL):
         self.fn = lib.widedeep_mlp_step
         module = get_activation(layout.activation).create()
-        code, p0, p1 = _CODES[type(module)](module)
+        code, p0, p1 = _code_of(module)
         self.act, self._act_params = code, (ctypes.c_float * 2)(p0, p1)
         names, shapes = layout.names, dict(zip(layout.names, layout.shapes, strict=True))
         offsets, offset = {}, 0
