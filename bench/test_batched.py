@@ -90,10 +90,10 @@ def test_lecture_batched(benchmark, lecture, plain_us, k, step):
     """One full-batch epoch of K lecture nets on the batched engine: with the step it picks
     (the compiled one where there is a C compiler, see widedeep.fused), and with ``torch``,
     its step in torch operations (widedeep.batched_grad), for comparison."""
-    trainer, stacked = _trainer(lecture, k, preset="lecture")
-    if step == "torch":
-        trainer.manual = ManualStep.create(trainer.layout, trainer.act)
-    with num_threads(1):
+    with num_threads(1):  # the thread count a run gives such a stack (the fused step needs 1)
+        trainer, stacked = _trainer(lecture, k, preset="lecture")
+        if step == "torch":
+            trainer.manual = ManualStep.create(trainer.layout, trainer.act)
         benchmark(trainer.epoch, stacked)
     _fill(benchmark, k=k, n=len(lecture.y), widths=(6, 4), features=8, threads=1)
     info = benchmark.extra_info

@@ -13,12 +13,21 @@ import torch
 
 from widedeep import fused
 from widedeep.batched_fit import Data, Trainer
+from widedeep.batched_grad import ManualStep
 from widedeep.config import make_config
 from widedeep.model import build_model
+from widedeep.run import num_threads
 
 D = 5
 HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None
 needs_kernel = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the fused step is off")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The thread count a run gives small stacks, and the one the fused step runs on."""
+    with num_threads(1):
+        yield
 
 
 def _trainer(k: int, n_classes: int, **options) -> Trainer:
@@ -118,7 +127,8 @@ def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
 
 def _in_child(extra_env: dict, cache) -> list[str]:
     """(status, step class) in a fresh process with its own empty cache."""
-    code = ("import torch; from widedeep import fused; from tests.test_fused import _trainer; "
+    code = ("import torch; torch.set_num_threads(1); from widedeep import fused; "
+            "from tests.test_fused import _trainer; "
             "t = _trainer(2, 2, activation='sigmoid'); "
             "t.step(Data(*_data(2, 20, 2, True))); "  # it still trains
             "print(fused.status()); print(type(t.manual).__name__)")
@@ -161,3 +171,10 @@ def test_the_step_leaves_denormals_as_it_found_them():
     trainer = _trainer(2, 2, activation="gelu", widths=(6,))
     trainer.manual(trainer.flat, *_data(2, 20, 2, True))
     assert (tiny * 1.0).item() != 0.0
+
+
+@needs_kernel
+def test_a_stack_given_several_threads_keeps_the_torch_step():
+    with num_threads(2):
+        trainer = _trainer(2, 2, activation="relu")
+    assert isinstance(trainer.manual, ManualStep)

@@ -173,8 +173,8 @@ class FusedStep:
     @classmethod
     def create(cls, layout: Layout, device: torch.device) -> FusedStep | None:
         """A step for ``layout`` on ``device``, or None when the fused step does not apply
-        (not CPU, normalisation, residual blocks, another activation, too wide) or is not
-        available (see :func:`status`)."""
+        (not CPU, more than one torch thread, normalisation, residual blocks, an activation it
+        lacks, too wide) or is not available (see :func:`status`)."""
         shapes = dict(zip(layout.names, layout.shapes, strict=True))
         widths = [shapes[f"blocks.{i}.linear.weight"][0] for i in range(layout.depth)]
         if (device.type != "cpu" or layout.norm != "none" or any(layout.residual)
@@ -182,6 +182,13 @@ class FusedStep:
                 or set(layout.names) != {f"{n}.{p}" for n in
                                          [f"blocks.{i}.linear" for i in range(layout.depth)]
                                          + ["head"] for p in ("weight", "bias")}):
+            return None
+        # NOTE: the kernel runs on one thread. Where the run gave this stack more (steps of
+        # over widedeep.run.SMALL_STEP_FLOPS, or --threads), torch's threaded GEMMs win: 8 nets
+        # of 4 x 64 units on 2 threads, dev VM: 0.79-0.87 ms per model-epoch, against 0.93-0.97
+        # for the kernel's models split over 2 Python threads (torch's OpenMP workers spin on
+        # the cores between its parallel ops).
+        if torch.get_num_threads() > 1:
             return None
         lib = library()
         return cls(layout, lib) if lib is not None else None
