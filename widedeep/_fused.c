@@ -8,10 +8,12 @@
  * (width, n_pad), n_pad = n rounded up to the vector width, and padded rows carry a zero
  * gradient so they never reach a sum.
  *
- * Plain C with GCC/Clang vector extensions (no intrinsics: the compiler picks AVX-512, AVX2,
- * SSE or NEON). exp, log and tanh are written out (Cephes' float polynomials) because libm's
- * are not vectorised without -ffast-math, which would also let the compiler drop the NaN
- * handling that divergence detection relies on: NaN in, NaN out, everywhere here.
+ * Plain C with GCC/Clang vector extensions (the compiler picks AVX-512, AVX2, SSE or NEON),
+ * plus a few AVX-512 instructions where the CPU has them (exp's rounding and scaling, a
+ * reciprocal estimate, a lane sum), each with a portable twin. exp, log, tanh and erf are
+ * written out (Cephes' and Abramowitz & Stegun's float approximations) because libm's are
+ * not vectorised without -ffast-math, which would also let the compiler drop the NaN
+ * handling that divergence detection relies on: NaN in, NaN out, as in torch.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -63,6 +63,14 @@ class Layout:
     def n_params(self) -> int:
         return sum(_numel(s) for s in self.shapes)
 
+    def offsets(self) -> dict[str, int]:
+        """name -> the column where that parameter starts in a model's flat row."""
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            out[name] = offset
+            offset += _numel(shape)
+        return out
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """name -> (K, *shape) view into ``flat`` (K, P); biases come out as (K, out, 1)."""
         out, offset = {}, 0

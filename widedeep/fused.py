@@ -147,6 +147,11 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _layers(layout: Layout) -> list[str]:
+    """The Linear layers, input to head."""
+    return [f"blocks.{i}.linear" for i in range(layout.depth)] + ["head"]
+
+
 class FusedStep:
     """Per-model losses and gradients of K stacked MLPs, from the compiled step."""
 
@@ -155,13 +160,9 @@ class FusedStep:
         module = get_activation(layout.activation).create()
         code, p0, p1 = _code_of(module)
         self.act, self._act_params = code, (ctypes.c_float * 2)(p0, p1)
-        names, shapes = layout.names, dict(zip(layout.names, layout.shapes, strict=True))
-        offsets, offset = {}, 0
-        for name in names:
-            offsets[name] = offset
-            offset += int(torch.Size(shapes[name]).numel())
-        layers = [f"blocks.{i}.linear" for i in range(layout.depth)] + ["head"]
-        self.depth, self.n_params = layout.depth, offset
+        shapes, offsets = dict(zip(layout.names, layout.shapes, strict=True)), layout.offsets()
+        layers = _layers(layout)
+        self.depth, self.n_params = layout.depth, layout.n_params
         self.d = shapes[f"{layers[0]}.weight"][1]
         self.n_out = shapes["head.weight"][0]
         # Kept as attributes: the C side reads them through raw pointers.
@@ -175,13 +176,12 @@ class FusedStep:
         """A step for ``layout`` on ``device``, or None when the fused step does not apply
         (not CPU, more than one torch thread, normalisation, residual blocks, an activation it
         lacks, too wide) or is not available (see :func:`status`)."""
-        shapes = dict(zip(layout.names, layout.shapes, strict=True))
-        widths = [shapes[f"blocks.{i}.linear.weight"][0] for i in range(layout.depth)]
-        if (device.type != "cpu" or layout.norm != "none" or any(layout.residual)
-                or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH
-                or set(layout.names) != {f"{n}.{p}" for n in
-                                         [f"blocks.{i}.linear" for i in range(layout.depth)]
-                                         + ["head"] for p in ("weight", "bias")}):
+        widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
+                  if name.endswith("linear.weight")]
+        plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
+                                      for p in ("weight", "bias")}  # Linear layers only
+        if (device.type != "cpu" or not plain or any(layout.residual)
+                or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
         # NOTE: the kernel runs on one thread. Where the run gave this stack more (steps of
         # over widedeep.run.SMALL_STEP_FLOPS, or --threads), torch's threaded GEMMs win: 8 nets
