@@ -39,12 +39,11 @@ def default_storage(out: Path) -> str:
 def report_environment(profile: str, storage: str) -> dict:
     """Where and when the report ran: torch, CPU, threads, CUDA device, date, commit."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fused.library()  # what the workers find too: the same compiler, cache and settings
     env = environment(device)
     # The report trains in worker processes, each of which sets this for itself when it
     # first uses the batched engine: this process's value would say nothing about them.
     env.pop("malloc_retains_freed", None)
-    fused.library()  # what the workers find too: the same compiler, cache and settings
-    env["fused_step"] = fused.status()
     return {
         **env,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -79,6 +79,13 @@ static inline float hsum(vf v) {
 #endif
 }
 
+/* exp(r) for |r| <= ln 2 / 2 (Cephes' expf polynomial); both exp()s below reduce to it. */
+static inline vf exp_reduced(vf r) {
+    vf p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+             + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+    return p * (r * r) + r + 1.0f;
+}
+
 #if defined(__AVX512F__)
 /* exp(x), x clamped to [-104, 88] (exp(-104) is 0 in float); NaN stays NaN. AVX-512 rounds
  * and scales by 2^k in one instruction each, which halves the work of the portable version
@@ -90,9 +97,7 @@ static inline vf v_exp(vf x) {
     __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vf r = (vf)v - (vf)k * 0.693359375f + (vf)k * 2.12194440e-4f;
-    vf p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
-             + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    vf p = exp_reduced(r);
     return (vf)_mm512_scalef_ps((__m512)p, k); /* p * 2^k, 0 below the float range */
 }
 #else
@@ -102,9 +107,7 @@ static inline vf v_exp(vf x) {
     x = sel(x < -87.0f, splat(-87.0f), x);
     vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
     vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    vf p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
-             + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    vf p = exp_reduced(r);
     vi scale = (__builtin_convertvector(k, vi) + 127) << 23; /* 2^k */
     return p * (vf)scale;
 }
