@@ -222,17 +222,31 @@ def _cli(spec_path: Path, url: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(url: str, name: str, proc, done: int, running: int, timeout: float = 60):
+def _wait_for(url: str, name: str, proc, done: int, running: int, timeout: float = 60,
+              training: bool = False):
+    """Until ``done`` trials are complete and ``running`` rows claimed (with ``training``:
+    and a claimed attempt's Optuna trial exists, so that it is training now).
+
+    NOTE: the storage is opened once (opening takes ~0.5 s): a fast net's whole training
+    can fit between two polls that each reopened it."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with Store(url) as store:
+    store = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                store = store or Store(url)
                 counts = store.counts(name)
-        except UserError:  # the worker has not created the tables yet
-            counts = {}
-        if counts.get("complete", 0) >= done and counts.get("running", 0) >= running:
-            return
-        time.sleep(0.1)
+                in_training = not training or bool(store.study(name).get_trials(
+                    deepcopy=False, states=(TrialState.RUNNING,)))
+            except UserError:  # the worker has not created the tables yet
+                counts, in_training = {}, False
+            if (counts.get("complete", 0) >= done and counts.get("running", 0) >= running
+                    and in_training):
+                return
+            time.sleep(0.05)
+    finally:
+        if store is not None:
+            store.close()
     pytest.fail(f"worker did not reach {done} done trials: {proc.poll()=}")
 
 
@@ -243,7 +257,7 @@ def test_killed_worker_loses_nothing_and_duplicates_nothing(tmp_path, url, diabe
     spec = sweep.spec_from_dict(d)
     proc = _cli(write_toml(tmp_path / "k.toml", d), url, "--grace", "1")
     try:
-        _wait_for(url, "killed", proc, done=2, running=1)  # one point done, one in flight
+        _wait_for(url, "killed", proc, done=2, running=1, training=True)  # one done, one in flight
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.communicate()
