@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,9 +65,11 @@ class Context:
         total = len(spec.points()) * len(spec.seeds)
         # spawning a worker process costs seconds: not worth it for a handful of trials
         workers = self.workers if total >= 4 * self.workers else 1
+        start = time.perf_counter()
         counts = sweep.run_sweep(spec, storage=self.storage, workers=workers,
                                  progress=self.progress)
-        self.sweeps.append({"name": spec.name, **counts})
+        self.sweeps.append({"name": spec.name, **counts,
+                            "seconds": round(time.perf_counter() - start, 1)})
         if self.progress:
             print(f"  sweep {spec.name}: {counts['done']}/{counts['total']} done, "
                   f"{counts['ran_now']} trained now, {counts['failed']} failed", flush=True)

@@ -95,14 +95,18 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
     ctx = Context(profile=dataclasses.replace(get_profile(profile), engine=engine), out=out,
                   storage=storage, workers=workers, progress=progress, env=env)
     parts: dict[int, str] = {}
+    seconds: dict[str, float] = {}
     for number, module in ORDER:
         if progress:
             print(f"section {number}: {module.__name__}", flush=True)
+        section_start = time.perf_counter()
         parts[number] = module.render(ctx)
+        seconds[str(number)] = round(time.perf_counter() - section_start, 1)
     body = "\n".join(parts[n] for n in sorted(parts))
     readme = out / "README.md"
     readme.write_text(_header(env, profile) + "\n" + body)
     env["seconds"] = round(time.perf_counter() - start, 1)
+    env["section_seconds"] = seconds
     env["sweeps"] = ctx.sweeps
     write_json(out / "environment.json", env)
     if progress:

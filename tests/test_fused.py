@@ -64,8 +64,9 @@ def test_the_kernel_builds_where_there_is_a_compiler():
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("activation", fused.ACTIVATIONS)
-# rows: fewer than one vector, exactly two, and a ragged tail after several
-@pytest.mark.parametrize("n", [1, 32, 77])
+# rows: fewer than one vector, exactly two, a ragged tail after several, and enough for
+# whole register blocks of row chunks, a tail of chunks and the padded (odd) row stride
+@pytest.mark.parametrize("n", [1, 32, 77, 245])
 def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
     trainer = _trainer(4, n_classes, activation=activation, widths=(7, 16, 3))
     assert isinstance(trainer.manual, fused.FusedStep)

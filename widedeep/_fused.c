@@ -49,6 +49,8 @@ enum {
 #define SELU_ALPHA 1.6732632423543772848170429916717f
 #define SELU_SCALE 1.0507009873554804934193349852946f
 
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
 static inline vf splat(float s) { return (vf){0} + s; }
 static inline vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
@@ -173,7 +175,7 @@ static inline vf v_softplus(vf z) { /* log(1 + exp(z)), as torch: z itself above
 static inline vf relu6(vf t) { return sel(t < 0.0f, splat(0.0f), sel(t > 6.0f, splat(6.0f), t)); }
 
 /* The activation of z (none for the head). */
-static inline vf act_fwd(vf z, int act, float p0, float p1) {
+ALWAYS_INLINE vf act_fwd(vf z, int act, float p0, float p1) {
     switch (act) {
     case ACT_SIGMOID: return v_sigmoid(z);
     case ACT_TANH: return v_tanh(z);
@@ -205,7 +207,7 @@ static inline vf act_fwd(vf z, int act, float p0, float p1) {
 
 /* g * activation'(z), from the activation's output a or (NEEDS_Z) its input z, as torch's
  * *_backward kernels compute it. */
-static inline vf act_back(vf g, vf a, vf z, int act, float p0, float p1) {
+ALWAYS_INLINE vf act_back(vf g, vf a, vf z, int act, float p0, float p1) {
     switch (act) {
     case ACT_SIGMOID: return g * (1.0f - a) * a;
     case ACT_TANH: return g * (1.0f - a * a);
@@ -247,16 +249,79 @@ static inline vf act_back(vf g, vf a, vf z, int act, float p0, float p1) {
     }
 }
 
-/* The matrix products below run U row chunks at a time: U independent FMA chains, so the
- * loops are bound by throughput rather than by one chain's latency (4 cycles per FMA). Their
- * outer loop is over blocks of U chunks, so that the block of the operand read by every
- * output (in x U vectors: 32 KB at width 64) stays in L1 while all outputs are computed. */
+/* The products of a layer, forward (W h + b) and backward (W^T g), are one kernel:
+ * out[o][c] = start[o] + sum over r of W[o * so + r * sr] x[r][c], with (so, sr) = (in, 1)
+ * forward and (1, in) backward. It computes blocks of JB outputs x CB row chunks in
+ * registers: per r, CB vector loads and JB scalar broadcasts feed JB x CB independent FMAs,
+ * so the loop is bound by FMA throughput rather than by loads or one chain's latency (4
+ * cycles per FMA). The outer loop runs over blocks of CB chunks, whose x rows (in x CB
+ * vectors: 24 KB at width 64) stay in L1 while every block of outputs passes over them; the
+ * activation (or its derivative) is applied to each such block of outputs while it is in
+ * cache, by a loop compiled once per activation. */
 #define U 8
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#if defined(__AVX512F__)
+#define JB 4 /* 4 x 6 accumulators and 6 loaded vectors: 30 of the 32 vector registers */
+#define CB 6
+#else
+#define JB 2 /* a vf is 2 AVX or 4 SSE registers: 6 accumulators fit 16 */
+#define CB 3
+#endif
 
-/* z (out, nc) = act(W (out, in) h (in, nc) + b); the pre-activation into pre if NEEDS_Z */
-ALWAYS_INLINE void dense_(const float *W, const float *b, const vf *h, int in, int out, int nc,
-                          int act, float p0, float p1, vf *z, vf *pre) {
+/* The jb x cb block at (o0, c0), started from the bias b (or zero where b is NULL). */
+ALWAYS_INLINE void block_(const float *W, long so, long sr, int nr, const float *b,
+                          const vf *x, int nc, int o0, int c0, int jb, int cb, vf *z) {
+    vf acc[JB][CB];
+    for (int j = 0; j < jb; j++)
+        for (int u = 0; u < cb; u++) acc[j][u] = splat(b ? b[o0 + j] : 0.0f);
+    const float *w = W + o0 * so;
+    for (int r = 0; r < nr; r++) {
+        const vf *xr = x + (long)r * nc + c0;
+        vf xv[CB];
+        for (int u = 0; u < cb; u++) xv[u] = xr[u];
+        for (int j = 0; j < jb; j++) {
+            float wj = w[j * so + r * sr];
+            for (int u = 0; u < cb; u++) acc[j][u] += wj * xv[u];
+        }
+    }
+    for (int j = 0; j < jb; j++)
+        for (int u = 0; u < cb; u++) z[(long)(o0 + j) * nc + c0 + u] = acc[j][u];
+}
+
+/* Chunks [c0, c0 + cw) of every output: JB-, 2- and 1-output blocks. */
+ALWAYS_INLINE void columns_(const float *W, long so, long sr, int nr, const float *b,
+                            const vf *x, int no, int nc, int c0, int cw, vf *z) {
+    int o = 0;
+    for (; o + JB <= no; o += JB) block_(W, so, sr, nr, b, x, nc, o, c0, JB, cw, z);
+    for (; o + 2 <= no; o += 2) block_(W, so, sr, nr, b, x, nc, o, c0, 2, cw, z);
+    for (; o < no; o++) block_(W, so, sr, nr, b, x, nc, o, c0, 1, cw, z);
+}
+
+/* Applies the activation to chunks [c0, c0 + cw) of z (no, nc), keeping its input in pre
+ * where NEEDS_Z; back: z (the gradient wrt an activation's output) becomes the gradient wrt
+ * its input, from that activation's output a and input pre. */
+ALWAYS_INLINE void apply_(int back, int act, float p0, float p1, vf *z, vf *pre, const vf *a,
+                          int no, int nc, int c0, int cw) {
+    for (int o = 0; o < no; o++)
+        for (long at = (long)o * nc + c0; at < (long)o * nc + c0 + cw; at++) {
+            vf s = z[at];
+            if (back) {
+                z[at] = act_back(s, a[at], NEEDS_Z(act) ? pre[at] : s, act, p0, p1);
+            } else {
+                if (NEEDS_Z(act)) pre[at] = s;
+                z[at] = act_fwd(s, act, p0, p1);
+            }
+        }
+}
+
+/* Narrow layers (at most NARROW outputs, as the lecture's) instead apply the activation in
+ * registers, U row chunks of one output at a time: there, a pass of its own over the
+ * outputs costs more than the blocked product saves (lecture net, ReLU: 8.3 against 7.1 us
+ * per model-epoch on the dev VM). */
+#define NARROW 8
+
+/* narrow: z (out, nc) = act(W (out, in) h (in, nc) + b); its input into pre if NEEDS_Z */
+ALWAYS_INLINE void narrow_(const float *W, const float *b, const vf *h, int in, int out,
+                           int nc, int act, float p0, float p1, vf *z, vf *pre) {
     int c = 0;
     for (; c + U <= nc; c += U) {
         for (int j = 0; j < out; j++) {
@@ -284,11 +349,11 @@ ALWAYS_INLINE void dense_(const float *W, const float *b, const vf *h, int in, i
     }
 }
 
-/* gh (in, nc) = W^T (in, out) g (out, nc), times the derivative of the activation whose
- * output a (in, nc) was this layer's input (and input pre, if NEEDS_Z): the gradient wrt
- * that activation's input. */
-ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, const vf *pre, int act,
-                               float p0, float p1, int in, int out, int nc, vf *gh) {
+/* narrow: gh (in, nc) = W^T (in, out) g (out, nc), times the derivative of the activation
+ * whose output a (in, nc) was this layer's input (and input pre, if NEEDS_Z): the gradient
+ * wrt that activation's input. */
+ALWAYS_INLINE void narrow_back_(const float *W, const vf *g, const vf *a, const vf *pre,
+                                int act, float p0, float p1, int in, int out, int nc, vf *gh) {
     int c = 0;
     for (; c + U <= nc; c += U) {
         for (int i = 0; i < in; i++) {
@@ -300,7 +365,9 @@ ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, const v
                 for (int u = 0; u < U; u++) acc[u] += w * gj[u];
             }
             long at = (long)i * nc + c;
-            for (int u = 0; u < U; u++) gh[at + u] = act_back(acc[u], a[at + u], NEEDS_Z(act) ? pre[at + u] : acc[u], act, p0, p1);
+            for (int u = 0; u < U; u++)
+                gh[at + u] = act_back(acc[u], a[at + u], NEEDS_Z(act) ? pre[at + u] : acc[u], act,
+                                      p0, p1);
         }
     }
     for (; c < nc; c++) {
@@ -310,6 +377,72 @@ ALWAYS_INLINE void dense_back_(const float *W, const vf *g, const vf *a, const v
             long at = (long)i * nc + c;
             gh[at] = act_back(acc, a[at], NEEDS_Z(act) ? pre[at] : acc, act, p0, p1);
         }
+    }
+}
+
+/* apply_, narrow_ and narrow_back_ compiled once per activation, so that none tests which
+ * inside. */
+#define EACH_ACTIVATION(X) X(ACT_SIGMOID) X(ACT_TANH) X(ACT_RELU) X(ACT_LEAKY_RELU) X(ACT_ELU) \
+    X(ACT_SELU) X(ACT_CELU) X(ACT_HARDTANH) X(ACT_LOGSIGMOID) X(ACT_SOFTPLUS) X(ACT_SILU)       \
+    X(ACT_GELU) X(ACT_MISH) X(ACT_HARDSWISH) X(ACT_HARDSIGMOID) X(ACT_SOFTSHRINK)            \
+    X(ACT_TANHSHRINK) X(ACT_SOFTSIGN) X(ACT_THRESHOLD)
+
+static void apply(int back, int act, const float *p, vf *z, vf *pre, const vf *a, int no,
+                  int nc, int c0, int cw) {
+    switch (act * 2 + back) {
+#define CASE(A)                                                                              \
+    case A * 2: apply_(0, A, p[0], p[1], z, pre, a, no, nc, c0, cw); break;                  \
+    case A * 2 + 1: apply_(1, A, p[0], p[1], z, pre, a, no, nc, c0, cw); break;
+    EACH_ACTIVATION(CASE)
+#undef CASE
+    default: break; /* ACT_NONE */
+    }
+}
+
+/* out (no, nc) = act(W x + b) forward, or act'(.) * W^T x backward (see above). */
+static void product(const float *W, long so, long sr, int nr, const float *b, const vf *x,
+                    int no, int nc, int back, int act, const float *p, vf *z, vf *pre,
+                    const vf *a) {
+    int c = 0;
+    for (; c + CB <= nc; c += CB) {
+        columns_(W, so, sr, nr, b, x, no, nc, c, CB, z);
+        apply(back, act, p, z, pre, a, no, nc, c, CB);
+    }
+    for (; c < nc; c++) {
+        columns_(W, so, sr, nr, b, x, no, nc, c, 1, z);
+        apply(back, act, p, z, pre, a, no, nc, c, 1);
+    }
+}
+
+/* z (out, nc) = act(W (out, in) h (in, nc) + b); the pre-activation into pre if NEEDS_Z */
+static void dense(const float *W, const float *b, const vf *h, int in, int out, int nc,
+                  int act, const float *p, vf *z, vf *pre) {
+    if (out > NARROW) {
+        product(W, in, 1, in, b, h, out, nc, 0, act, p, z, pre, NULL);
+        return;
+    }
+    switch (act) {
+#define CASE(A) case A: narrow_(W, b, h, in, out, nc, A, p[0], p[1], z, pre); break;
+    EACH_ACTIVATION(CASE)
+#undef CASE
+    default: narrow_(W, b, h, in, out, nc, ACT_NONE, 0.0f, 0.0f, z, pre);
+    }
+}
+
+/* gh (in, nc) = W^T (in, out) g (out, nc), times the derivative of the activation whose
+ * output a (in, nc) was this layer's input (and input pre, if NEEDS_Z): the gradient wrt
+ * that activation's input. */
+static void dense_back(const float *W, const vf *g, const vf *a, const vf *pre, int act,
+                       const float *p, int in, int out, int nc, vf *gh) {
+    if (in > NARROW) {
+        product(W, 1, in, out, NULL, g, in, nc, 1, act, p, gh, (vf *)pre, a);
+        return;
+    }
+    switch (act) {
+#define CASE(A) case A: narrow_back_(W, g, a, pre, A, p[0], p[1], in, out, nc, gh); break;
+    EACH_ACTIVATION(CASE)
+#undef CASE
+    default: narrow_back_(W, g, a, pre, ACT_NONE, 0.0f, 0.0f, in, out, nc, gh);
     }
 }
 
@@ -371,32 +504,6 @@ static void dense_grad(const vf *g, const vf *h, int in, int out, int nc, float 
     for (; i < in; i++)
         for (int j = 0; j < out; j++)
             dW[(long)j * in + i] = dot(g + (long)j * nc, h + (long)i * nc, nc);
-}
-
-/* dense_ and dense_back_ compiled once per activation, so that none tests which inside. */
-#define EACH_ACTIVATION(X) X(ACT_SIGMOID) X(ACT_TANH) X(ACT_RELU) X(ACT_LEAKY_RELU) X(ACT_ELU) \
-    X(ACT_SELU) X(ACT_CELU) X(ACT_HARDTANH) X(ACT_LOGSIGMOID) X(ACT_SOFTPLUS) X(ACT_SILU)       \
-    X(ACT_GELU) X(ACT_MISH) X(ACT_HARDSWISH) X(ACT_HARDSIGMOID) X(ACT_SOFTSHRINK)            \
-    X(ACT_TANHSHRINK) X(ACT_SOFTSIGN) X(ACT_THRESHOLD)
-
-static void dense(const float *W, const float *b, const vf *h, int in, int out, int nc,
-                  int act, const float *p, vf *z, vf *pre) {
-    switch (act) {
-#define CASE(A) case A: dense_(W, b, h, in, out, nc, A, p[0], p[1], z, pre); break;
-    EACH_ACTIVATION(CASE)
-#undef CASE
-    default: dense_(W, b, h, in, out, nc, ACT_NONE, 0.0f, 0.0f, z, pre);
-    }
-}
-
-static void dense_back(const float *W, const vf *g, const vf *a, const vf *pre, int act,
-                       const float *p, int in, int out, int nc, vf *gh) {
-    switch (act) {
-#define CASE(A) case A: dense_back_(W, g, a, pre, A, p[0], p[1], in, out, nc, gh); break;
-    EACH_ACTIVATION(CASE)
-#undef CASE
-    default: dense_back_(W, g, a, pre, ACT_NONE, 0.0f, 0.0f, in, out, nc, gh);
-    }
 }
 
 /* Mean loss over the n real rows, and its gradient wrt the logits o (n_out, nc) into g. */
