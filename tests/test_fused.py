@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from widedeep import fused
 from widedeep.batched_fit import Data, Trainer
@@ -117,13 +118,25 @@ def test_a_nan_weight_spoils_its_own_model_as_in_torch(activation):
 
 
 @pytest.mark.parametrize("options", [
-    dict(activation="softmax"), dict(activation="tanh", residual=True, widths=(6, 6)),
+    dict(activation="tanh", residual=True, widths=(6, 6)),
     dict(activation="tanh", norm="layer"), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
-], ids=["other-activation", "residual", "layer-norm", "too-wide"])
+], ids=["residual", "layer-norm", "too-wide"])
 def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
     trainer = _trainer(2, 2, **options)
     assert fused.FusedStep.create(trainer.layout, trainer.flat.device) is None
     assert not isinstance(trainer.manual, fused.FusedStep)
+
+
+def test_an_activation_the_kernel_lacks_takes_the_torch_step(monkeypatch):
+    monkeypatch.setattr(fused, "ACTIVATIONS", [a for a in fused.ACTIVATIONS if a != "tanh"])
+    trainer = _trainer(2, 2, activation="tanh")
+    assert not isinstance(trainer.manual, fused.FusedStep)
+
+
+@pytest.mark.parametrize("module", [nn.GELU(approximate="tanh"), nn.Softmax(dim=0),
+                                    nn.LogSoftmax(dim=0), nn.PReLU()])
+def test_modules_without_a_kernel_code(module):
+    assert fused._code_of(module) is None
 
 
 def _in_child(extra_env: dict, cache) -> list[str]:

@@ -44,8 +44,11 @@ enum {
     ACT_SOFTSHRINK, /* p0: lambda */
     ACT_TANHSHRINK, ACT_SOFTSIGN,
     ACT_THRESHOLD,  /* p0, p1: threshold, value */
+    /* over the features of a row, not elementwise: from the outputs a alone */
+    ACT_SOFTMAX, ACT_SOFTMIN, ACT_LOGSOFTMAX,
 };
-#define NEEDS_Z(act) ((act) >= ACT_SILU)
+#define NEEDS_Z(act) ((act) >= ACT_SILU && (act) <= ACT_THRESHOLD)
+#define ROWWISE(act) ((act) >= ACT_SOFTMAX)
 #define SELU_ALPHA 1.6732632423543772848170429916717f
 #define SELU_SCALE 1.0507009873554804934193349852946f
 
@@ -380,12 +383,53 @@ ALWAYS_INLINE void narrow_back_(const float *W, const vf *g, const vf *a, const 
     }
 }
 
-/* apply_, narrow_ and narrow_back_ compiled once per activation, so that none tests which
- * inside. */
+/* The softmax family over the no features of each row, for chunks [c0, c0 + cw) of z (no,
+ * nc), as torch computes them: exp(z - max) / sum, and z - max - log(sum) for log-softmax
+ * (softmin is softmax of -z). back: z holds the gradient g wrt the outputs a and becomes the
+ * gradient wrt the inputs: a (g - sum(g a)) for softmax (negated for softmin), and
+ * g - exp(a) sum(g) for log-softmax. */
+ALWAYS_INLINE void rowwise_(int back, int act, vf *z, const vf *a, int no, int nc, int c0,
+                            int cw) {
+    for (long c = c0; c < c0 + cw; c++) {
+        vf *zc = z + c;
+        const vf *ac = a + c;
+        if (back) {
+            vf sum = splat(0.0f);
+            for (int o = 0; o < no; o++)
+                sum += act == ACT_LOGSOFTMAX ? zc[o * nc] : zc[o * nc] * ac[o * nc];
+            for (int o = 0; o < no; o++) {
+                vf g = zc[o * nc], y = ac[o * nc];
+                zc[o * nc] = act == ACT_LOGSOFTMAX ? g - v_exp(y) * sum
+                             : act == ACT_SOFTMIN  ? -(y * (g - sum))
+                                                   : y * (g - sum);
+            }
+            continue;
+        }
+        float sign = act == ACT_SOFTMIN ? -1.0f : 1.0f;
+        vf m = sign * zc[0];
+        for (int o = 1; o < no; o++) m = sel(sign * zc[o * nc] > m, sign * zc[o * nc], m);
+        vf sum = splat(0.0f);
+        for (int o = 0; o < no; o++) {
+            vf e = v_exp(sign * zc[o * nc] - m);
+            if (act != ACT_LOGSOFTMAX) zc[o * nc] = e;
+            sum += e;
+        }
+        if (act == ACT_LOGSOFTMAX) {
+            vf shift = m + v_log(sum);
+            for (int o = 0; o < no; o++) zc[o * nc] = zc[o * nc] - shift;
+        } else {
+            for (int o = 0; o < no; o++) zc[o * nc] = zc[o * nc] / sum;
+        }
+    }
+}
+
+/* apply_, narrow_ and narrow_back_ compiled once per elementwise activation, rowwise_ once
+ * per row-wise one, so that none tests which inside. */
 #define EACH_ACTIVATION(X) X(ACT_SIGMOID) X(ACT_TANH) X(ACT_RELU) X(ACT_LEAKY_RELU) X(ACT_ELU) \
     X(ACT_SELU) X(ACT_CELU) X(ACT_HARDTANH) X(ACT_LOGSIGMOID) X(ACT_SOFTPLUS) X(ACT_SILU)       \
     X(ACT_GELU) X(ACT_MISH) X(ACT_HARDSWISH) X(ACT_HARDSIGMOID) X(ACT_SOFTSHRINK)            \
     X(ACT_TANHSHRINK) X(ACT_SOFTSIGN) X(ACT_THRESHOLD)
+#define EACH_ROWWISE(X) X(ACT_SOFTMAX) X(ACT_SOFTMIN) X(ACT_LOGSOFTMAX)
 
 static void apply(int back, int act, const float *p, vf *z, vf *pre, const vf *a, int no,
                   int nc, int c0, int cw) {
@@ -394,6 +438,11 @@ static void apply(int back, int act, const float *p, vf *z, vf *pre, const vf *a
     case A * 2: apply_(0, A, p[0], p[1], z, pre, a, no, nc, c0, cw); break;                  \
     case A * 2 + 1: apply_(1, A, p[0], p[1], z, pre, a, no, nc, c0, cw); break;
     EACH_ACTIVATION(CASE)
+#undef CASE
+#define CASE(A)                                                                              \
+    case A * 2: rowwise_(0, A, z, a, no, nc, c0, cw); break;                                 \
+    case A * 2 + 1: rowwise_(1, A, z, a, no, nc, c0, cw); break;
+    EACH_ROWWISE(CASE)
 #undef CASE
     default: break; /* ACT_NONE */
     }
@@ -417,7 +466,7 @@ static void product(const float *W, long so, long sr, int nr, const float *b, co
 /* z (out, nc) = act(W (out, in) h (in, nc) + b); the pre-activation into pre if NEEDS_Z */
 static void dense(const float *W, const float *b, const vf *h, int in, int out, int nc,
                   int act, const float *p, vf *z, vf *pre) {
-    if (out > NARROW) {
+    if (out > NARROW || ROWWISE(act)) {
         product(W, in, 1, in, b, h, out, nc, 0, act, p, z, pre, NULL);
         return;
     }
@@ -434,7 +483,7 @@ static void dense(const float *W, const float *b, const vf *h, int in, int out, 
  * that activation's input. */
 static void dense_back(const float *W, const vf *g, const vf *a, const vf *pre, int act,
                        const float *p, int in, int out, int nc, vf *gh) {
-    if (in > NARROW) {
+    if (in > NARROW || ROWWISE(act)) {
         product(W, 1, in, out, NULL, g, in, nc, 1, act, p, gh, (vf *)pre, a);
         return;
     }

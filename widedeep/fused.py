@@ -55,6 +55,10 @@ _CODES: dict[type, Callable[[nn.Module], tuple[int, float, float] | None]] = {
     nn.Tanhshrink: lambda m: (16, 0.0, 0.0),
     nn.Softsign: lambda m: (17, 0.0, 0.0),
     nn.Threshold: lambda m: (18, m.threshold, m.value),
+    # over the features of a hidden layer's (batch, width) output only
+    nn.Softmax: lambda m: (19, 0.0, 0.0) if m.dim in (-1, 1) else None,
+    nn.Softmin: lambda m: (20, 0.0, 0.0) if m.dim in (-1, 1) else None,
+    nn.LogSoftmax: lambda m: (21, 0.0, 0.0) if m.dim in (-1, 1) else None,
 }
 
 
