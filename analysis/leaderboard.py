@@ -45,21 +45,43 @@ def _finished(name: str, storage: str) -> bool:
     return bool(study.user_attrs.get(DONE_ATTR))
 
 
-def search(ctx: Context) -> dict:
-    """Run (or resume) the report's search once; its results, cached on the context."""
-    if "search" in ctx.cache:
-        return ctx.cache["search"]
-    from widedeep.search import run_search, search_results
+def start(ctx: Context) -> None:
+    """Start the report's search in a background process, unless it already finished.
+
+    NOTE: one worker. With several, TPE's suggestions depend on which trials finished
+    first; one seeded worker makes the leaderboard reproducible. Its trials are small, so
+    it leaves most of a core to the sweeps that run beside it until section 5 waits for it.
+    """
+    from widedeep.search import run_search
 
     name, s = study_name(ctx), settings(ctx)
+    if "search" in ctx.cache or "search_job" in ctx.cache or _finished(name, ctx.storage):
+        return
+    if ctx.progress:
+        print(f"  search {name}: up to {s['trials']} trials, in the background", flush=True)
+    ctx.cache["search_job"] = run_search(study=name, storage=ctx.storage, workers=1,
+                                         timeout=ctx.profile.search_timeout_s,
+                                         background=True, **s)
+
+
+def stop(ctx: Context) -> None:
+    """Interrupt a background search still running (its trial in flight fails)."""
+    job = ctx.cache.pop("search_job", None)
+    if job is not None:
+        job.stop()
+
+
+def search(ctx: Context) -> dict:
+    """The report's search results (running or waiting for the search first), cached on the
+    context."""
+    if "search" in ctx.cache:
+        return ctx.cache["search"]
+    from widedeep.search import search_results
+
+    name = study_name(ctx)
     if not _finished(name, ctx.storage):
-        if ctx.progress:
-            print(f"  search {name}: up to {s['trials']} trials", flush=True)
-        # NOTE: one worker. With several, TPE's suggestions depend on which trials finished
-        # first; one seeded worker makes the leaderboard reproducible, at about twice the
-        # search's wall time on two cores (its trials are small).
-        run_search(study=name, storage=ctx.storage, workers=1,
-                   timeout=ctx.profile.search_timeout_s, **s)
+        start(ctx)
+        ctx.cache.pop("search_job").wait()
         optuna.load_study(study_name=name, storage=ctx.storage).set_user_attr(DONE_ATTR, True)
     ctx.cache["search"] = search_results(name, ctx.storage, top=10_000)  # every trial
     return ctx.cache["search"]

@@ -132,9 +132,11 @@ def test_environment_is_recorded(report):
     out, _ = report
     env = json.loads((out / "environment.json").read_text())
     for key in ("torch_version", "cpu_model", "threads", "cuda_device", "date", "commit",
-                "profile", "sweeps", "seconds"):
+                "profile", "sweeps", "seconds", "section_seconds"):
         assert key in env, key
     assert env["profile"] == "tiny"
+    assert sorted(env["section_seconds"]) == [str(n) for n in range(1, 8)]
+    assert all(s["seconds"] >= 0 for s in env["sweeps"])
 
 
 def test_rerun_trains_nothing(report):
@@ -198,3 +200,28 @@ def test_engine_plain_gets_studies_of_its_own(tmp_path):
     assert leaderboard.settings(plain)["engine"] == "plain"
     assert "engine" not in leaderboard.settings(ctx)
     assert leaderboard.study_name(plain) != leaderboard.study_name(ctx)
+
+
+def test_a_failing_section_stops_the_background_search(tmp_path, monkeypatch, capfd):
+    """The search runs in a process of its own from the start: an error in an earlier
+    section interrupts it quietly (no traceback of its own) and leaves no process behind."""
+    from analysis import grid, report
+    from widedeep.search import SearchJob
+
+    if not os.environ.get("WIDEDEEP_DATA"):
+        pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
+    stopped, real_stop = [], SearchJob.stop
+
+    def spy(job):
+        real_stop(job)
+        stopped.append([p.returncode for p in job.procs])
+
+    def boom(ctx):
+        raise RuntimeError("section 2 failed")
+
+    monkeypatch.setattr(SearchJob, "stop", spy)
+    monkeypatch.setattr(grid, "render", boom)
+    with pytest.raises(RuntimeError, match="section 2 failed"):
+        report.build(profile="tiny", out=tmp_path / "results", progress=False)
+    assert len(stopped) == 1 and None not in stopped[0]
+    assert "Traceback" not in capfd.readouterr().err

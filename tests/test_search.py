@@ -1,8 +1,11 @@
 """The exercise 7-1 search: beats the majority class, baselines on the nets' folds, resumable."""
 
 import os
+import time
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from widedeep import data, search
 from widedeep.baselines import fold_digest
@@ -114,3 +117,43 @@ def test_a_search_cannot_force_the_batched_engine(tmp_path, capsys):
     assert main(["search", "--storage", url, "--engine", "batched"]) == 2  # argparse: choices
     with pytest.raises(UserError, match="engine must be 'auto' or 'plain'"):
         search.run_search(storage=url, engine="batched")
+
+
+def _needs_diabetes():
+    if not os.environ.get("WIDEDEEP_DATA"):
+        pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
+
+
+def test_a_background_search_runs_while_the_caller_goes_on(tmp_path):
+    _needs_diabetes()
+    url = f"sqlite:///{tmp_path}/bg.sqlite3"
+    job = search.run_search(study="bg", storage=url, background=True, **BUDGET)
+    assert isinstance(job, search.SearchJob)
+    assert all(p.poll() is None for p in job.procs)  # a worker takes seconds just to start
+    results = job.wait()
+    assert results["n_trials"] == BUDGET["trials"]
+    assert all(p.returncode == 0 for p in job.procs)
+
+
+def _states(url: str, name: str) -> list:
+    return [t.state for t in optuna.load_study(study_name=name, storage=url).trials]
+
+
+def test_stopping_a_background_search_fails_only_its_trial_in_flight(tmp_path, capfd):
+    _needs_diabetes()
+    url = f"sqlite:///{tmp_path}/stop.sqlite3"
+    job = search.run_search(study="s", storage=url, background=True,
+                            **{**BUDGET, "trials": 200})
+    deadline = time.monotonic() + 120
+    while TrialState.RUNNING not in _states(url, "s"):
+        assert time.monotonic() < deadline, "no trial started within 2 minutes"
+        time.sleep(0.2)
+    job.stop()
+    assert [p.returncode for p in job.procs] == [130]
+    assert "Traceback" not in capfd.readouterr().err  # the failed trial was expected
+    states = _states(url, "s")
+    assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) == 1
+    # and the study goes on from there
+    done = states.count(TrialState.COMPLETE)
+    again = search.run_search(study="s", storage=url, **{**BUDGET, "trials": done + 1})
+    assert again["n_trials"] == done + 1

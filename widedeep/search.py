@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -125,10 +127,13 @@ def work(study_name: str, url: str, *, trials: int, timeout: float | None,
 def run_search(*, study: str | None = None, dataset: str = "diabetes", split: str = "cv:5",
                seed: int = 0, trials: int = 50, timeout: float | None = None,
                storage: str | None = None, workers: int = 1, max_depth: int = 32,
-               max_epochs: int = 300, engine: str = "auto") -> dict:
+               max_epochs: int = 300, engine: str = "auto",
+               background: bool = False) -> dict | SearchJob:
     """Run (or resume) a search; returns :func:`search_results`. ``engine``: auto, or plain
     to train every trial on the plain loop (batched cannot be forced: most of the search
-    space — dropout, batch norm, Wide & Deep — needs the plain loop)."""
+    space — dropout, batch norm, Wide & Deep — needs the plain loop). ``background``: run
+    it in worker processes (one torch thread each) while the caller goes on, and return
+    their :class:`SearchJob` as soon as the study and its baselines exist."""
     if trials < 1 or workers < 1 or max_depth < 1 or max_epochs < 1:
         raise UserError(f"trials, workers, max_depth and max_epochs must be >= 1, got "
                         f"{trials=}, {workers=}, {max_depth=}, {max_epochs=}")
@@ -143,25 +148,65 @@ def run_search(*, study: str | None = None, dataset: str = "diabetes", split: st
     if engine != "auto":  # auto stays implicit: earlier studies' settings still match
         settings["engine"] = engine
     prepare(name, url, settings)
-    if workers == 1:
+    if workers == 1 and not background:
         work(name, url, trials=trials, timeout=timeout)
-    else:
-        _spawn(name, url, trials=trials, timeout=timeout, workers=workers)
-    return search_results(name, url)
+        return search_results(name, url)
+    job = SearchJob(name, url, _spawn(name, url, trials=trials, timeout=timeout,
+                                      workers=workers))
+    return job if background else job.wait()
 
 
-def _spawn(name: str, url: str, *, workers: int, **job) -> None:
-    """``workers`` processes of this module, one torch thread each."""
-    procs = [subprocess.Popen([sys.executable, "-m", __name__, json.dumps(
-        dict(study_name=name, url=url, worker=i, threads=1, **job))]) for i in range(workers)]
-    try:
-        codes = [p.wait() for p in procs]
-    finally:
-        for p in procs:
+@dataclass
+class SearchJob:
+    """Search worker processes running in the background."""
+
+    name: str
+    url: str
+    procs: list[subprocess.Popen]
+
+    def wait(self) -> dict:
+        """Wait for every worker; the search's results (UserError if a worker failed)."""
+        try:
+            codes = [p.wait() for p in self.procs]
+        finally:
+            self.stop()
+        if any(codes):
+            raise UserError(f"search worker(s) exited with status {codes}; see the messages "
+                            "above")
+        return search_results(self.name, self.url)
+
+    def stop(self) -> None:
+        """Interrupt workers still running (each fails its trial in flight) and reap them."""
+        for p in self.procs:
             if p.poll() is None:
-                p.wait(timeout=30)  # on Ctrl-C they finish their trial's bookkeeping
-    if any(codes):
-        raise UserError(f"search worker(s) exited with status {codes}; see the messages above")
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)  # they finish their trial's bookkeeping
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+# A worker interrupted while it still imports exits quietly too.
+_LAUNCH = f"""import sys
+try:
+    from {__name__} import _worker_main
+except KeyboardInterrupt:
+    sys.exit(130)
+sys.exit(_worker_main(sys.argv[1:]))
+"""
+
+
+def _spawn(name: str, url: str, *, workers: int, **job) -> list[subprocess.Popen]:
+    """``workers`` processes of this module, one torch thread each.
+
+    NOTE: in sessions of their own, so that a Ctrl-C at the terminal reaches only this
+    process, which passes it on once (:meth:`SearchJob.stop`): a second SIGINT would cut
+    short the bookkeeping of the trial in flight."""
+    return [subprocess.Popen([sys.executable, "-c", _LAUNCH, json.dumps(
+        dict(study_name=name, url=url, worker=i, threads=1, **job))], start_new_session=True)
+        for i in range(workers)]
 
 
 def train_command(options: dict, settings: dict) -> str:
@@ -205,15 +250,19 @@ def search_results(study_name: str, storage: str, *, top: int = 10) -> dict:
             "fold_digest": baselines.get("fold_digest")}
 
 
+def _interrupted(signum, frame):
+    # The trial in flight fails, as it should: no warning and traceback from Optuna for it.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    raise KeyboardInterrupt
+
+
 def _worker_main(argv: list[str]) -> int:
-    """Entry point of a worker process: ``python -m widedeep.search JOB_JSON``."""
+    """Entry point of a worker process (see ``_spawn``)."""
     job = json.loads(argv[0])
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         work(job.pop("study_name"), job.pop("url"), **job)
     except KeyboardInterrupt:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
