@@ -39,7 +39,7 @@ class Profile:
     search_max_depth: int = 32
     search_max_epochs: int = 100
     # a safety net: the trial count should bind first (the search shares the CPU with the
-    # sweeps of sections 1-3, which run beside it)
+    # sweeps of the sections that run beside it)
     search_timeout_s: float | None = 600.0
     # 4./6. other datasets
     datasets: tuple[str, ...] = ("breast_cancer", "wine", "iris", "digits")
