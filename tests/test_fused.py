@@ -80,6 +80,18 @@ def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "logsoftmax"])
+def test_fused_gradients_at_the_widest_layers_it_takes(activation):
+    trainer = _trainer(2, 3, activation=activation, widths=(fused.MAX_WIDTH, fused.MAX_WIDTH))
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(2, 245, 3, shared=False)
+    want_loss, want_grad = _autograd(trainer, X, y)
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("weight_scale", [30.0, 1e6])
 @pytest.mark.parametrize("activation", fused.ACTIVATIONS)

@@ -70,9 +70,10 @@ def _code_of(module: nn.Module) -> tuple[int, float, float] | None:
 
 ACTIVATIONS = sorted(name for name in list_activations()
                      if _code_of(get_activation(name).create()) is not None)
-# Widest layer the fused step takes: at 128, torch's GEMMs win (measured on the dev VM:
-# 4 x 64 tanh nets, Adam, K=8: 1.2 ms vs 1.5 ms per model-epoch; 4 x 128: 5.5 vs 4.2 ms).
-MAX_WIDTH = 64
+# Widest layer the fused step takes: at 256, torch's GEMMs catch up (measured on the dev
+# VM, one thread, K=8 nets of 4 layers, Adam, 607 rows, ms per model-step, fused vs torch:
+# width 128 ReLU 2.35 vs 2.98, tanh 2.63 vs 2.96; width 256 ReLU 9.9 vs 9.8, tanh 10.3 vs 9.6).
+MAX_WIDTH = 128
 FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno")
 ARCH_FLAGS = (("-march=native",), ())  # tried in turn: not every compiler knows native
 
