@@ -81,7 +81,13 @@ def search(ctx: Context) -> dict:
     name = study_name(ctx)
     if not _finished(name, ctx.storage):
         start(ctx)
-        ctx.cache.pop("search_job").wait()
+        job = ctx.cache.pop("search_job")
+        if ctx.progress and any(p.poll() is None for p in job.procs):
+            done = len(optuna.load_study(study_name=name, storage=ctx.storage).get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            print(f"  waiting for the search: {done} of {settings(ctx)['trials']} trials "
+                  "done", flush=True)
+        job.wait()
         optuna.load_study(study_name=name, storage=ctx.storage).set_user_attr(DONE_ATTR, True)
     ctx.cache["search"] = search_results(name, ctx.storage, top=10_000)  # every trial
     return ctx.cache["search"]

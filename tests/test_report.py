@@ -225,3 +225,16 @@ def test_a_failing_section_stops_the_background_search(tmp_path, monkeypatch, ca
         report.build(profile="tiny", out=tmp_path / "results", progress=False)
     assert len(stopped) == 1 and None not in stopped[0]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_report_says_when_it_waits_for_the_search(tmp_path, monkeypatch, capsys):
+    from analysis import leaderboard, report
+
+    if not os.environ.get("WIDEDEEP_DATA"):
+        pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
+    monkeypatch.setattr(report, "ORDER", [(5, leaderboard)])  # nothing to run beside it
+    report.build(profile="tiny", out=tmp_path / "results", progress=True)
+    out = capsys.readouterr().out
+    assert "up to 3 trials, in the background" in out
+    assert "waiting for the search: 0 of 3 trials done" in out
+    assert "## 5." in (tmp_path / "results" / "README.md").read_text()
