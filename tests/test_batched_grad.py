@@ -41,13 +41,6 @@ def _data(n_classes: int, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return X, y
 
 
-def _autograd(trainer: Trainer, X, y) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = trainer.flat.detach().requires_grad_(True)
-    loss = trainer.losses(flat, Data(X, y))
-    (grad,) = torch.autograd.grad(loss.sum(), flat)
-    return loss.detach(), grad
-
-
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("activation", MANUAL)
@@ -55,7 +48,7 @@ def test_manual_gradients_equal_autograd(activation, n_classes, shared):
     trainer = _trainer(activation, n_classes, widths=(6, 6, 4), residual=True)
     assert trainer.manual is not None, f"{activation} has no hand-written derivative"
     X, y = _data(n_classes, shared)
-    want_loss, want_grad = _autograd(trainer, X, y)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
     loss, grad = trainer.manual(trainer.flat, X, y)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)

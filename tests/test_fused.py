@@ -48,13 +48,6 @@ def _data(k: int, n: int, n_classes: int, shared: bool, scale: float = 2.0):
     return X, y
 
 
-def _autograd(trainer: Trainer, X, y):
-    flat = trainer.flat.detach().requires_grad_(True)
-    loss = trainer.losses(flat, Data(X, y))
-    (grad,) = torch.autograd.grad(loss.sum(), flat)
-    return loss.detach(), grad
-
-
 @needs_kernel
 def test_the_kernel_builds_where_there_is_a_compiler():
     assert fused.library() is not None, fused.status()
@@ -72,7 +65,7 @@ def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
     trainer = _trainer(4, n_classes, activation=activation, widths=(7, 16, 3))
     assert isinstance(trainer.manual, fused.FusedStep)
     X, y = _data(4, n, n_classes, shared)
-    want_loss, want_grad = _autograd(trainer, X, y)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
     loss, grad = trainer.manual(trainer.flat, X, y)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
@@ -85,7 +78,7 @@ def test_fused_gradients_at_the_widest_layers_it_takes(activation):
     trainer = _trainer(2, 3, activation=activation, widths=(fused.MAX_WIDTH, fused.MAX_WIDTH))
     assert isinstance(trainer.manual, fused.FusedStep)
     X, y = _data(2, 245, 3, shared=False)
-    want_loss, want_grad = _autograd(trainer, X, y)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
     loss, grad = trainer.manual(trainer.flat, X, y)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
@@ -122,7 +115,7 @@ def test_a_nan_weight_spoils_its_own_model_as_in_torch(activation):
     trainer.flat[1, 0] = float("nan")
     X, y = _data(3, 40, 2, True)
     loss, grad = trainer.manual(trainer.flat, X, y)
-    want_loss, want_grad = _autograd(trainer, X, y)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
     assert torch.equal(torch.isnan(loss), torch.isnan(want_loss))
     assert torch.equal(torch.isnan(grad).any(1), torch.isnan(want_grad).any(1))
     assert torch.isnan(loss[1]) and torch.isnan(grad[1]).any()

@@ -84,14 +84,20 @@ class Trainer:
         return batched.per_model_loss(batched.forward(self.layout, flat, data.X, self.act,
                                                       trace), data.y)
 
+    def autograd(self, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) losses and (K, P) gradients at the current weights, by autograd: the step
+        where no written-out one applies, and what those are tested against."""
+        flat = self.flat.detach().requires_grad_(True)
+        loss = self.losses(flat, data)
+        (grad,) = torch.autograd.grad(loss.sum(), flat)  # sum: each model its own grad
+        return loss.detach(), grad
+
     def step(self, data: Data) -> torch.Tensor:
         """One update of every model on ``data``; returns the (K,) losses before it."""
         if self.manual is not None:
             loss, grad = self.manual(self.flat, data.X, data.y)
         else:
-            flat = self.flat.detach().requires_grad_(True)
-            loss = self.losses(flat, data)
-            (grad,) = torch.autograd.grad(loss.sum(), flat)  # sum: each model its own grad
+            loss, grad = self.autograd(data)
         self.opt.step(self.flat, grad)
         return loss.detach()
 
