@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from widedeep import batched_run, data
+from widedeep import batched, batched_run, data
 from widedeep.batched_fit import fit_batched
 from widedeep.config import make_config
 from widedeep.errors import UserError
@@ -37,10 +37,12 @@ def _split(name: str, rows: int | None = None, offset: int = 0) -> tuple[Split, 
     return Split(torch.as_tensor(X[idx]), torch.as_tensor(ds.y[idx])), ds.n_classes
 
 
-def _plain(models, trains, configs, n_classes, vals=None):
-    """Each model trained on its own by widedeep.train.fit, with a ProbeCallback."""
+def _plain(models, trains, configs, n_classes, vals, rngs):
+    """Each model trained on its own by widedeep.train.fit, with a ProbeCallback, from the
+    random state ``rngs[k]``."""
     out = []
     for k, (model, train, c) in enumerate(zip(models, trains, configs, strict=True)):
+        torch.set_rng_state(rngs[k])
         prober = ProbeCallback(train.X, train.y, criterion_for(n_classes), c.activation,
                                c.probe_epochs)
         result = fit(model, train, c, n_classes, val=vals[k] if vals else None,
@@ -51,13 +53,14 @@ def _plain(models, trains, configs, n_classes, vals=None):
 
 def _compare(configs, trains, n_classes, vals=None):
     """Train copies of the same models both ways; assert they agree; return the results."""
-    models = []
+    models, rngs = [], []  # rngs: where the plain loop starts training each (run.py's order)
     for c in configs:
         torch.manual_seed(c.seed)
         models.append(build_model(c, trains[0].X.shape[1], n_classes))
+        rngs.append(torch.get_rng_state())
     plain_models = [copy.deepcopy(m) for m in models]
-    expected = _plain(plain_models, trains, configs, n_classes, vals)
-    results, probes = fit_batched(models, trains, configs, vals=vals)
+    expected = _plain(plain_models, trains, configs, n_classes, vals, rngs)
+    results, probes = fit_batched(models, trains, configs, vals=vals, rngs=rngs)
     for (want, prober), got, rec, pm, bm in zip(expected, results, probes, plain_models, models,
                                                 strict=True):
         assert len(got.train_loss) == len(want.train_loss)
@@ -82,7 +85,8 @@ def _compare(configs, trains, n_classes, vals=None):
 
 @pytest.mark.parametrize("batch_size", [None, 40], ids=["full", "minibatch"])
 @pytest.mark.parametrize("dataset", ["breast_cancer", "wine"])
-@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh", "selu", "softmax"])
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh", "selu", "softmax", "prelu",
+                                        "rrelu"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_fit_matches_plain_loop(optimizer, activation, dataset, batch_size):
     train, n_classes = _split(dataset, rows=120)
@@ -114,11 +118,13 @@ def test_adamw_per_model_weight_decay():
     _compare(configs, [train] * 3, n_classes)
 
 
-def test_early_stopping_and_divergence_per_model():
-    """Each model stops (patience, or a non-finite loss) where the plain loop would."""
+@pytest.mark.parametrize("activation", ["relu", "rrelu"])
+def test_early_stopping_and_divergence_per_model(activation):
+    """Each model stops (patience, or a non-finite loss) where the plain loop would; rrelu:
+    probes after a validation pass evaluate (mean slope) where the plain loop's do."""
     train, n_classes = _split("wine", rows=120)
     val, _ = _split("wine", rows=40, offset=1)
-    configs = [make_config(optimizer="sgd", lr=lr, activation="relu", widths=(16, 16),
+    configs = [make_config(optimizer="sgd", lr=lr, activation=activation, widths=(16, 16),
                            epochs=60, patience=3, seed=s, probe_epochs=(2, 30))
                for s, lr in enumerate([0.5, 1e6, 0.05])]
     results = _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
@@ -126,10 +132,11 @@ def test_early_stopping_and_divergence_per_model():
     assert not results[0].diverged and results[0].epochs_run < 60  # stopped by patience
 
 
-@pytest.fixture(scope="module")
-def summaries():
-    """run_many on both engines: wine, 3 seeds, 3-fold cv (folds of 60/59/59 rows)."""
-    options = dict(dataset="wine", split="cv:3", activation="tanh", optimizer="adam",
+@pytest.fixture(scope="module", params=["tanh", "rrelu"])
+def summaries(request):
+    """run_many on both engines: wine, 3 seeds, 3-fold cv (folds of 60/59/59 rows); rrelu
+    draws its slopes from the random state each fold's model was built in."""
+    options = dict(dataset="wine", split="cv:3", activation=request.param, optimizer="adam",
                    lr=0.01, epochs=20, patience=4, probe_epochs=(5,))
     return {engine: run_many([make_config(seed=s, engine=engine, **options)
                               for s in range(3)]) for engine in ("plain", "batched")}
@@ -177,6 +184,14 @@ def test_plan_says_why_a_config_runs_on_the_plain_loop():
     assert "dropout" in reasons[3]
     assert "no other model" in reasons[4]
     assert reasons[5] is None  # alone, but its three folds train together
+
+
+def test_learnable_and_random_slopes_are_batched_on_the_cpu():
+    configs = [make_config(dataset="iris", activation=a, seed=s, device="cpu")
+               for a in ("prelu", "rrelu") for s in range(2)]
+    assert batched_run.plan(configs) == [None] * 4
+    reason = batched.unsupported_reason(make_config(activation="rrelu", device="cuda"))
+    assert "rrelu on CUDA" in reason
 
 
 def test_forcing_batched_on_an_unsupported_config_names_why():

@@ -14,13 +14,14 @@ independent steps, written out here to follow ``torch.optim``'s update rules.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from widedeep.activations import get_activation, saturated
+from widedeep.activations import SLOPE_FRACTION, get_activation, max_slope, saturated
 from widedeep.config import TrainConfig
 
 # Options that change what the engine computes; a group shares all of them. The rest
@@ -38,9 +39,9 @@ def unsupported_reason(config: TrainConfig) -> str | None:
         return f"dropout {config.dropout} (random masks per model)"
     if config.norm == "batch":
         return "batch norm (running statistics per model)"
-    if config.activation in ("prelu", "rrelu"):
-        what = "a learnable slope" if config.activation == "prelu" else "random slopes"
-        return f"activation {config.activation} ({what} per layer)"
+    if config.activation == "rrelu" and (config.device == "cuda" or (
+            config.device == "auto" and torch.cuda.is_available())):
+        return "activation rrelu on CUDA (its random slopes are drawn model by model on the CPU)"
     return None
 
 
@@ -124,20 +125,71 @@ def unstack(flat: torch.Tensor, models: list[nn.Module]) -> None:
 
 
 class StackedActivation:
-    """Applies the activation to (K, width, n); softmax-family ones act over the width."""
+    """Applies the activation to (K, width, n); softmax-family ones act over the width.
+
+    Two activations carry state per model: prelu's learnable slope (one per layer, a
+    parameter in the flat row, passed in as ``weight`` (K, 1, 1)), and rrelu's random
+    slopes, drawn in training only, model k from ``generators[k]`` (None: that model is
+    evaluated, with the mean slope). Each model draws its slopes over its own (rows, width)
+    pre-activations in row-major order, from its own stream, as the plain loop draws them.
+    """
 
     def __init__(self, name: str):
         self.spec = get_activation(name)
         self.module = self.spec.create()
+        if self.spec.name == "rrelu":
+            self.module.eval()  # the probes' slopes: never a draw from the global stream
+        self.generators: list[torch.Generator | None] | None = None  # rrelu in training
+        self.probing = False
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.spec.name == "prelu":
+            return prelu(z, weight)
+        if self.spec.name == "rrelu" and self.generators is not None:
+            return self.rrelu(z)[0]
         if self.spec.elementwise:
             return self.module(z)
         return self.module(z.transpose(1, 2)).transpose(1, 2)  # dim=-1 is the width
 
-    def saturated(self, z: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def drawing(self, generators: list[torch.Generator | None] | None, *, probing: bool = False):
+        """rrelu's slopes come from ``generators`` (per model; None = evaluation) inside."""
+        saved = self.generators, self.probing
+        self.generators, self.probing = generators, probing
+        try:
+            yield
+        finally:
+            self.generators, self.probing = saved
+
+    def rrelu(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rrelu of z (K, width, n), each model drawing from its generator; returns the
+        output and the slopes applied (1 where z > 0), both (K, width, n)."""
+        lower, upper = self.module.lower, self.module.upper
+        rows = z.transpose(1, 2).contiguous()  # (K, n, width): the plain loop's memory order
+        outs, noises = [], []
+        for zk, g in zip(rows, self.generators, strict=True):
+            noise = torch.empty_like(zk)
+            outs.append(torch._C._nn.rrelu_with_noise(zk, noise, lower, upper, g is not None, g))
+            if self.probing and g is not None:
+                # NOTE: the plain probe's saturation hook runs the module once more on the
+                # same pre-activation (inside the probe's forked stream), drawing as many
+                # slopes again before the next layer's draws.
+                torch._C._nn.rrelu_with_noise(zk.detach(), torch.empty_like(zk), lower, upper,
+                                              True, g)
+            noises.append(noise if g is not None else torch.where(zk > 0, 1.0, (lower + upper) / 2))
+        return torch.stack(outs).transpose(1, 2), torch.stack(noises).transpose(1, 2)
+
+    def saturated(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """(K, n, width) bool for pre-activations z (K, width, n)."""
+        if self.spec.name == "prelu":  # slope 1 above zero, |weight| at and below it
+            slope = torch.where(z > 0, 1.0, weight.abs().expand_as(z))
+            return (slope < SLOPE_FRACTION * max_slope(self.spec)).transpose(1, 2)
         return saturated(self.spec, self.module, z.transpose(1, 2))
+
+
+def prelu(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """z if z > 0 else weight * z, as torch's prelu; weight (K, 1, 1) per model."""
+    return torch.where(z > 0, z, weight * z)
 
 
 def linear(W: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -160,16 +212,18 @@ def forward(layout: Layout, flat: torch.Tensor, X: torch.Tensor, act: StackedAct
             trace: list | None = None) -> torch.Tensor:
     """Logits (K, n_out, n) of all K models on X: (d, n) shared or (K, d, n) per model.
 
-    With ``trace``, appends (pre-activation, activation) of each hidden layer.
+    With ``trace``, appends (pre-activation, activation, prelu's slope or None) of each
+    hidden layer.
     """
     p, h = layout.views(flat), X
     for i in range(layout.depth):
         z = linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
         if layout.norm == "layer":
             z = _layer_norm(z, p[f"blocks.{i}.norm.weight"], p[f"blocks.{i}.norm.bias"])
-        a = act(z)  # (K, width, n)
+        w = p.get(f"blocks.{i}.activation.weight")  # prelu's slope (K, 1, 1)
+        a = act(z, w)  # (K, width, n)
         if trace is not None:
-            trace.append((z, a))
+            trace.append((z, a, w))
         h = h + a if layout.residual[i] else a
     return linear(p["head.weight"], p["head.bias"], h)
 

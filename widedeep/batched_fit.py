@@ -64,7 +64,8 @@ def stack_data(splits: list[Split]) -> Data:
 class Trainer:
     """Holds the stacked state of one group; ``epoch()`` trains all K models for one epoch."""
 
-    def __init__(self, models: list[nn.Module], configs: list[TrainConfig]):
+    def __init__(self, models: list[nn.Module], configs: list[TrainConfig],
+                 rngs: list[torch.Tensor] | None = None):
         self.models, self.configs = models, configs
         env.retain_freed_memory()  # no page faults on the step's big temporaries
         self.layout: Layout = batched.layout_of(models[0], configs[0])
@@ -74,6 +75,12 @@ class Trainer:
         self.batch_size = configs[0].batch_size
         self.orders = {c.seed: torch.Generator().manual_seed(c.seed) for c in configs}
         self.graph = None  # a captured full-batch step (CUDA only), see batched_cuda
+        # rrelu's slopes: model k draws from its own CPU stream, which starts where the
+        # global one stood when the plain loop would have started training it (rngs[k]).
+        self.generators = None
+        if self.act.spec.name == "rrelu":
+            states = rngs if rngs is not None else [torch.get_rng_state()] * len(models)
+            self.generators = [torch.Generator().set_state(s) for s in states]
         # Small nets: one compiled call; else gradients written out in torch ops where the
         # layout allows; else autograd.
         self.manual = (FusedStep.create(self.layout, self.flat.device)
@@ -94,10 +101,11 @@ class Trainer:
 
     def step(self, data: Data) -> torch.Tensor:
         """One update of every model on ``data``; returns the (K,) losses before it."""
-        if self.manual is not None:
-            loss, grad = self.manual(self.flat, data.X, data.y)
-        else:
-            loss, grad = self.autograd(data)
+        with self.act.drawing(self.generators):  # training: rrelu draws its slopes
+            if self.manual is not None:
+                loss, grad = self.manual(self.flat, data.X, data.y)
+            else:
+                loss, grad = self.autograd(data)
         self.opt.step(self.flat, grad)
         return loss.detach()
 
@@ -114,6 +122,17 @@ class Trainer:
         for idx in perm.split(self.batch_size, dim=1):  # (K, b)
             total += self.step(_rows(data, idx)) * idx.shape[1]
         return total / data.n
+
+    def forks(self, training: list[bool], states: list[torch.Tensor] | None = None,
+              ) -> list[torch.Generator | None] | None:
+        """rrelu's streams for a probe, which draws from copies (the plain probe forks the
+        global stream): model k draws if ``training[k]``, else is evaluated; ``states``
+        default to where each stream stands now. None for every other activation."""
+        if self.generators is None:
+            return None
+        states = states or [g.get_state() for g in self.generators]
+        return [torch.Generator().set_state(s) if t else None
+                for s, t in zip(states, training, strict=True)]
 
     def layer_names(self) -> list[str]:
         return [name.removesuffix(".linear") for name, _ in linear_layers(self.models[0])]
@@ -172,53 +191,71 @@ class Book:
 
 def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[TrainConfig],
                 *, vals: list[Split] | None = None, cuda_graphs: bool = True,
+                rngs: list[torch.Tensor] | None = None,
                 ) -> tuple[list[FitResult], list[ProbeRecords]]:
     """Train ``models`` (one group, see ``batched.group_key``) together, in place.
 
     Model k sees ``trains[k]`` (all with the same number of rows) and ``configs[k]``; returns
     what ``fit`` and a ``ProbeCallback`` would have recorded for each model on its own. On
     CUDA, full-batch steps replay a captured CUDA graph unless ``cuda_graphs`` is False.
+    ``rngs[k]`` is the CPU random state the plain loop would start training model k from
+    (rrelu draws from it; default: the current state, for every model).
     """
-    trainer = Trainer(models, configs)
+    K = len(models)
+    trainer = Trainer(models, configs, rngs)
     data = stack_data(trains)
     if cuda_graphs and batched_cuda.can_capture(trainer, data):
         trainer.graph = batched_cuda.capture_step(trainer, data)
     val = stack_data(vals) if vals is not None else None
     book = Book(trainer.flat, configs[0].patience)
-    probes = {0: probe_all(trainer, trainer.flat, data)}
+    # The plain loop probes in training mode, but in evaluation mode after a validation pass.
+    probes = {0: probe_all(trainer, trainer.flat, data, trainer.forks([True] * K))}
     wanted = set(configs[0].probe_epochs)
     history, val_history = [], []  # per epoch, (K,) on the device
+    stop_states = {}  # model -> its rrelu stream's state when it stopped
     for epoch in range(1, configs[0].epochs + 1):
         loss = trainer.epoch(data)
         history.append(loss)
         if val is not None:
             with torch.no_grad():
                 val_history.append(trainer.losses(trainer.flat, val))
+        was_stopped = book.stopped.clone() if trainer.generators is not None else None
         book.update(epoch, loss, val_history[-1] if val is not None else None, trainer.flat)
+        if was_stopped is not None:  # CPU only: the check costs no device sync
+            for k in (book.stopped & ~was_stopped).nonzero().flatten().tolist():
+                stop_states[k] = trainer.generators[k].get_state()
         if epoch in wanted:
-            probes[epoch] = probe_all(trainer, trainer.flat, data)
+            probes[epoch] = probe_all(trainer, trainer.flat, data,
+                                      trainer.forks([val is None] * K))
         if epoch % SYNC_EVERY == 0 and bool(book.stopped.all()):
             break
     final = book.final_weights(trainer.flat)
     batched.unstack(final, models)
-    probes[-1] = probe_all(trainer, final, data)
+    diverged = book.diverged.tolist()
+    states = [stop_states.get(k, g.get_state()) for k, g in enumerate(trainer.generators or [])]
+    probes[-1] = probe_all(trainer, final, data, trainer.forks(
+        [val is None or diverged[k] for k in range(K)], states or None))
     return _results(book, history, val_history, probes, trainer.layer_names())
 
 
-def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data) -> tuple[list, list]:
+def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data,
+              generators: list[torch.Generator | None] | None = None) -> tuple[list, list]:
     """Per-model grad norms (K, layers) and activation stats (K, hidden, 4), on the host.
 
     The same quantities as ``widedeep.probes.probe``: L2 norm of each Linear weight's
     gradient of the full-batch loss; mean, std, saturated and dead share of each activation.
+    ``generators``: rrelu's streams for this probe (see ``Trainer.forks``).
     """
     flat = flat.detach().requires_grad_(True)
     trace: list = []
-    loss = trainer.losses(flat, data, trace)
+    with trainer.act.drawing(generators, probing=True):
+        loss = trainer.losses(flat, data, trace)
     (grad,) = torch.autograd.grad(loss.sum(), flat)
     norms = torch.stack([grad[:, s].norm(dim=1) for s in trainer.layout.weight_slices()], 1)
     stats = []
-    for z, a in trace:  # (K, width, n) each
-        a, sat = a.detach(), trainer.act.saturated(z.detach())  # sat: (K, n, width)
+    for z, a, w in trace:  # (K, width, n) each; w: prelu's slopes or None
+        a = a.detach()
+        sat = trainer.act.saturated(z.detach(), None if w is None else w.detach())  # (K, n, w)
         stats.append(torch.stack([a.mean((1, 2)), a.std(dim=(1, 2), correction=0),
                                   sat.float().mean((1, 2)), sat.all(1).float().mean(1)], 1))
     return norms.tolist(), torch.stack(stats, 1).tolist()  # (K, L), (K, hidden, 4)

@@ -59,6 +59,14 @@ def derivative_of(module: nn.Module) -> Derivative | None:
     return table.get(type(module))
 
 
+# Activations with state per model, differentiated with it in the third argument: prelu's
+# slope (K, 1, 1); rrelu's slopes drawn in the forward pass (K, width, n), kept in place of
+# the pre-activation (its derivative is the slope applied).
+_STATEFUL: dict[str, Derivative] = {
+    "prelu": lambda g, z, w: torch.where(z > 0, g, w * g),
+    "rrelu": lambda g, slopes, a: g * slopes,
+}
+
 # Activations whose derivative needs only their output: applied in place on the
 # pre-activation, and differentiated in place on the incoming gradient, so a step allocates
 # (and streams through) two tensors less per layer. (forward_, backward_(grad, output))
@@ -83,6 +91,8 @@ class ManualStep:
         """A step for ``layout``, or None when it needs autograd (layer norm, or an
         activation whose derivative is not written out here)."""
         derivative = derivative_of(act.module) if act.spec.elementwise else None
+        if act.spec.name in _STATEFUL:
+            derivative = _STATEFUL[act.spec.name]
         if layout.norm != "none" or derivative is None:
             return None
         return cls(layout, act, derivative)
@@ -100,8 +110,10 @@ class ManualStep:
             z = linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
             if self.forward_ is not None:  # z is this step's own fresh tensor
                 a, z = self.forward_(z), None
+            elif self.act.spec.name == "rrelu":  # keep the slopes drawn, not z
+                a, z = self.act.rrelu(z)
             else:
-                a = self.act.module(z)
+                a = self.act(z, p.get(f"blocks.{i}.activation.weight"))
             inputs.append(h), pres.append(z), outs.append(a)
             h = h + a if layout.residual[i] else a
         loss, g = _loss_and_grad(linear(p["head.weight"], p["head.bias"], h), y)
@@ -110,6 +122,11 @@ class ManualStep:
         for i in reversed(range(layout.depth)):
             if self.backward_ is not None and not layout.residual[i]:
                 dz = self.backward_(g, outs[i])  # g is this step's own, needed no more
+            elif self.act.spec.name == "prelu":
+                w = p[f"blocks.{i}.activation.weight"]  # (K, 1, 1)
+                dz = self.derivative(g, pres[i], w)
+                grads[f"blocks.{i}.activation.weight"] = torch.where(
+                    pres[i] > 0, 0.0, g * pres[i]).sum((1, 2))
             else:
                 dz = self.derivative(g, pres[i], outs[i])
             dh = self._linear_back(f"blocks.{i}.linear", p, dz, inputs[i], grads,

@@ -35,6 +35,7 @@ class Task:
     fold: int
     data: run.FoldData
     model: torch.nn.Module
+    rng: torch.Tensor  # the CPU random state the plain loop would start training from
 
     @property
     def train(self) -> Split:
@@ -96,10 +97,11 @@ def run_group(configs: list[TrainConfig]) -> list[run.RunResult]:
              for k, fold in enumerate(folds[id(c)])]
     fitted = {}
     for stack in _stacks(tasks):
+        vals = [t.val for t in stack] if config0.patience else None
         with run.num_threads(run.resolve_threads(config0, ds, models=len(stack))):
             results, probes = fit_batched([t.model for t in stack], [t.train for t in stack],
-                                          [t.config for t in stack],
-                                          vals=[t.val for t in stack] if config0.patience else None)
+                                          [t.config for t in stack], vals=vals,
+                                          rngs=[t.rng for t in stack])
         fitted.update({id(t): (t, r, p) for t, r, p in zip(stack, results, probes, strict=True)})
     by_config = defaultdict(list)
     for t in tasks:
@@ -113,8 +115,9 @@ def run_group(configs: list[TrainConfig]) -> list[run.RunResult]:
 
 def _task(config: TrainConfig, ds: data.Dataset, fold: data.Fold, k: int, device) -> Task:
     """The rows and model the plain loop would use for this fold (same seeds, same order)."""
-    return Task(config, k, run.fold_data(config, ds, fold, device),
-                run.fresh_model(config, ds, device))
+    fold_data = run.fold_data(config, ds, fold, device)
+    model = run.fresh_model(config, ds, device)
+    return Task(config, k, fold_data, model, torch.get_rng_state())
 
 
 def _stacks(tasks: list[Task]) -> list[list[Task]]:
