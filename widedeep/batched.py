@@ -188,8 +188,8 @@ class StackedActivation:
 
 
 def prelu(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """z if z > 0 else weight * z, as torch's prelu; weight (K, 1, 1) per model."""
-    return torch.where(z > 0, z, weight * z)
+    """z if z > 0 else weight * z, with torch's prelu kernel; weight (K, 1, 1) per model."""
+    return torch.ops.aten._prelu_kernel(z, weight)
 
 
 def linear(W: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
