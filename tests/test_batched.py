@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from widedeep import batched, batched_run, data
+from widedeep import batched, batched_fit, batched_run, data
 from widedeep.batched_fit import fit_batched
 from widedeep.config import make_config
 from widedeep.errors import UserError
@@ -118,10 +118,17 @@ def test_adamw_per_model_weight_decay():
     _compare(configs, [train] * 3, n_classes)
 
 
+@pytest.mark.parametrize("retire", [True, False], ids=["retired", "riding-along"])
 @pytest.mark.parametrize("activation", ["relu", "rrelu"])
-def test_early_stopping_and_divergence_per_model(activation):
-    """Each model stops (patience, or a non-finite loss) where the plain loop would; rrelu:
-    probes after a validation pass evaluate (mean slope) where the plain loop's do."""
+def test_early_stopping_and_divergence_per_model(activation, retire, monkeypatch):
+    """Each model stops (patience, or a non-finite loss) where the plain loop would, whether
+    stopped models leave the stack (the CPU) or stay in it to the end (CUDA); rrelu: probes
+    after a validation pass evaluate (mean slope) where the plain loop's do."""
+    monkeypatch.setattr(batched_fit, "RETIRE", retire)
+    stacks = []  # models in the stack at each step
+    step = batched_fit.Trainer.step
+    monkeypatch.setattr(batched_fit.Trainer, "step",
+                        lambda self, data: stacks.append(len(self.flat)) or step(self, data))
     train, n_classes = _split("wine", rows=120)
     val, _ = _split("wine", rows=40, offset=1)
     configs = [make_config(optimizer="sgd", lr=lr, activation=activation, widths=(16, 16),
@@ -130,6 +137,11 @@ def test_early_stopping_and_divergence_per_model(activation):
     results = _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
     assert results[1].diverged and results[1].epochs_run < 60
     assert not results[0].diverged and results[0].epochs_run < 60  # stopped by patience
+    runs = sorted(r.epochs_run for r in results)
+    if retire:  # 3 models until the first stops, then 2, then 1
+        assert stacks == [3] * runs[0] + [2] * (runs[1] - runs[0]) + [1] * (runs[2] - runs[1])
+    else:
+        assert stacks == [3] * runs[2]
 
 
 @pytest.fixture(scope="module", params=["tanh", "rrelu"])

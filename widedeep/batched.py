@@ -261,6 +261,13 @@ class StackedOptimizer:
         self.sq = torch.zeros_like(flat) if self.kind != "sgd" else None
         self.t = torch.zeros((), device=device)  # steps taken
 
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep the state of the models at rows ``idx`` only."""
+        for name in ("lr", "momentum", "wd", "buf", "sq"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[idx])
+
     @torch.no_grad()
     def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
         """Update ``flat`` in place from ``grad`` (both (K, P))."""

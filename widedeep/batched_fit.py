@@ -2,11 +2,14 @@
 stopping, divergence and probes, recorded exactly as the plain loop (``widedeep.train.fit``)
 would record each model on its own.
 
-Models are independent, so all K keep training to the end (or until every one has stopped);
-bookkeeping on the device freezes each model's *final* weights at the epoch the plain loop
-would have stopped it, and its *best* weights (lowest validation loss) while it runs. Host
-syncs happen only every ``SYNC_EVERY`` epochs (to end early once all have stopped) and at the
-end, when the histories are cut at each model's stop epoch.
+Bookkeeping on the device freezes each model's *final* weights at the epoch the plain loop
+would have stopped it (patience, or a non-finite loss), and its *best* weights (lowest
+validation loss) while it runs. On the CPU, a model that stops leaves the stack at once, so
+the others go on without carrying it (early stopping in a cross-validated search: half the
+time). Elsewhere, where a check costs a device sync (and a CUDA graph fixes the stack), models
+are independent and stopped ones ride along, frozen in the book; host syncs happen only every
+``SYNC_EVERY`` epochs (to end early once all have stopped) and at the end, when the histories
+are cut at each model's stop epoch.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from widedeep.fused import FusedStep
 from widedeep.model import linear_layers
 from widedeep.train import FitResult, Split
 
-SYNC_EVERY = 16  # epochs between checks whether every model has stopped
+SYNC_EVERY = 16  # epochs between checks whether every model has stopped (off the CPU)
+RETIRE = True  # on the CPU, stopped models leave the stack (False: they ride along)
 
 
 @dataclass
@@ -116,12 +120,23 @@ class Trainer:
         if self.batch_size is None or self.batch_size >= data.n:
             return self.step(data)
         # NOTE: the plain loop's order: one generator per seed, randperm(n) each epoch.
-        perms = {s: torch.randperm(data.n, generator=g) for s, g in self.orders.items()}
+        perms = {c.seed: None for c in self.configs}  # the seeds still training
+        perms = {s: torch.randperm(data.n, generator=self.orders[s]) for s in perms}
         perm = torch.stack([perms[c.seed] for c in self.configs]).to(data.X.device)  # (K, n)
         total = torch.zeros(len(self.configs), device=data.X.device)
         for idx in perm.split(self.batch_size, dim=1):  # (K, b)
             total += self.step(_rows(data, idx)) * idx.shape[1]
         return total / data.n
+
+    def select(self, keep: list[int]) -> None:
+        """Go on training only the models at rows ``keep``."""
+        idx = torch.tensor(keep, device=self.flat.device)
+        self.flat = self.flat[idx]
+        self.opt.select(idx)
+        self.models = [self.models[i] for i in keep]
+        self.configs = [self.configs[i] for i in keep]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in keep]
 
     def forks(self, training: list[bool], states: list[torch.Tensor] | None = None,
               ) -> list[torch.Generator | None] | None:
@@ -136,6 +151,14 @@ class Trainer:
 
     def layer_names(self) -> list[str]:
         return [name.removesuffix(".linear") for name, _ in linear_layers(self.models[0])]
+
+
+def _select(data: Data | None, keep: list[int]) -> Data | None:
+    """The rows of models ``keep`` (shared rows stay shared)."""
+    if data is None or data.X.dim() == 2:
+        return data
+    idx = torch.tensor(keep, device=data.X.device)
+    return Data(X=data.X[idx], y=data.y[idx])
 
 
 def _rows(data: Data, idx: torch.Tensor) -> Data:
@@ -181,6 +204,13 @@ class Book:
         self.diverged |= diverging
         self.stopped |= stopping
 
+    def select(self, keep: list[int]) -> None:
+        """Keep the state of the models at rows ``keep`` only."""
+        idx = torch.tensor(keep, device=self.stopped.device)
+        for name in ("stopped", "diverged", "stop_epoch", "final", "best", "best_val",
+                     "best_epoch"):
+            setattr(self, name, getattr(self, name)[idx])
+
     def final_weights(self, flat: torch.Tensor) -> torch.Tensor:
         """(K, P): frozen weights of stopped models, the best ones under early stopping."""
         out = torch.where(self.stopped[:, None], self.final, flat)
@@ -208,34 +238,76 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
         trainer.graph = batched_cuda.capture_step(trainer, data)
     val = stack_data(vals) if vals is not None else None
     book = Book(trainer.flat, configs[0].patience)
+    everyone, generators = data, trainer.generators  # for the final probe
     # The plain loop probes in training mode, but in evaluation mode after a validation pass.
-    probes = {0: probe_all(trainer, trainer.flat, data, trainer.forks([True] * K))}
+    probes = {0: _by_model(probe_all(trainer, trainer.flat, data, trainer.forks([True] * K)),
+                           range(K))}
     wanted = set(configs[0].probe_epochs)
-    history, val_history = [], []  # per epoch, (K,) on the device
-    stop_states = {}  # model -> its rrelu stream's state when it stopped
+    # NOTE: on the CPU, where checking costs no device sync, models leave the stack at the
+    # epoch they stop (patience or divergence): the others go on without carrying them.
+    # Elsewhere they ride along to the end or until all have stopped (checked every
+    # SYNC_EVERY epochs), frozen in the book.
+    retire = RETIRE and trainer.graph is None and trainer.flat.device.type == "cpu"
+    active = list(range(K))  # model of each row of the stack
+    history, val_history = [], []  # per epoch: ((rows,) losses on the device, active)
+    done: dict[int, Retired] = {}
     for epoch in range(1, configs[0].epochs + 1):
         loss = trainer.epoch(data)
-        history.append(loss)
+        history.append((loss, active))
         if val is not None:
             with torch.no_grad():
-                val_history.append(trainer.losses(trainer.flat, val))
-        was_stopped = book.stopped.clone() if trainer.generators is not None else None
-        book.update(epoch, loss, val_history[-1] if val is not None else None, trainer.flat)
-        if was_stopped is not None:  # CPU only: the check costs no device sync
-            for k in (book.stopped & ~was_stopped).nonzero().flatten().tolist():
-                stop_states[k] = trainer.generators[k].get_state()
+                val_history.append((trainer.losses(trainer.flat, val), active))
+        book.update(epoch, loss, val_history[-1][0] if val is not None else None, trainer.flat)
         if epoch in wanted:
-            probes[epoch] = probe_all(trainer, trainer.flat, data,
-                                      trainer.forks([val is None] * K))
-        if epoch % SYNC_EVERY == 0 and bool(book.stopped.all()):
+            probes[epoch] = _by_model(probe_all(trainer, trainer.flat, data,
+                                                trainer.forks([val is None] * len(active))),
+                                      active)
+        if retire:
+            stopped = book.stopped.tolist()
+            if any(stopped):
+                done |= _retire(book, trainer, active, [i for i, s in enumerate(stopped) if s])
+                keep = [i for i, s in enumerate(stopped) if not s]
+                if not keep:
+                    break
+                book.select(keep), trainer.select(keep)
+                data, val = _select(data, keep), _select(val, keep)
+                active = [active[i] for i in keep]
+        elif epoch % SYNC_EVERY == 0 and bool(book.stopped.all()):
             break
-    final = book.final_weights(trainer.flat)
+    done |= _retire(book, trainer, active, [i for i, k in enumerate(active) if k not in done])
+    final = torch.stack([done[k].weights for k in range(K)])
     batched.unstack(final, models)
-    diverged = book.diverged.tolist()
-    states = [stop_states.get(k, g.get_state()) for k, g in enumerate(trainer.generators or [])]
-    probes[-1] = probe_all(trainer, final, data, trainer.forks(
-        [val is None or diverged[k] for k in range(K)], states or None))
-    return _results(book, history, val_history, probes, trainer.layer_names())
+    states = [done[k].rng for k in range(K)] if generators is not None else None
+    probes[-1] = _by_model(probe_all(trainer, final, everyone, trainer.forks(
+        [val is None or done[k].diverged for k in range(K)], states)), range(K))
+    return _results(done, history, val_history, probes, trainer.layer_names())
+
+
+@dataclass
+class Retired:
+    """What the book knew of a model when it left the stack (or training ended)."""
+
+    weights: torch.Tensor  # (P,) its final weights (the best epoch's under early stopping)
+    stop_epoch: int  # 0 = ran to the end
+    diverged: bool
+    best_epoch: int  # 0 = none
+    rng: torch.Tensor | None  # rrelu: its stream's state
+
+
+def _retire(book: Book, trainer: Trainer, active: list[int], rows) -> dict[int, Retired]:
+    weights = book.final_weights(trainer.flat)
+    stop, diverged = book.stop_epoch.tolist(), book.diverged.tolist()
+    best = book.best_epoch.tolist()
+    gens = trainer.generators
+    return {active[i]: Retired(weights[i].clone(), stop[i], diverged[i], best[i],
+                               gens[i].get_state() if gens is not None else None)
+            for i in rows}
+
+
+def _by_model(probe: tuple[list, list], models) -> dict[int, tuple[list, list]]:
+    """probe_all's per-row lists, keyed by model."""
+    norms, stats = probe
+    return {k: (norms[i], stats[i]) for i, k in enumerate(models)}
 
 
 def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data,
@@ -272,25 +344,31 @@ def _probe_record(norms: list[float], stats: list[list[float]], names: list[str]
     return {"grad_norms": norms, "rows": rows}
 
 
-def _results(book: Book, history: list, val_history: list, probes: dict,
+def _results(done: dict[int, Retired], history: list, val_history: list, probes: dict,
              names: list[str]) -> tuple[list[FitResult], list[ProbeRecords]]:
     """Cut each model's record at the epoch the plain loop would have stopped it."""
-    train = torch.stack(history, 1).tolist()  # (K, epochs done)
-    val = torch.stack(val_history, 1).tolist() if val_history else None
-    stop, diverged = book.stop_epoch.tolist(), book.diverged.tolist()
-    best = book.best_epoch.tolist()
+    train, val = _per_model(history, len(done)), _per_model(val_history, len(done))
     results, records = [], []
-    for k in range(len(train)):
-        run = stop[k] or len(history)
-        result = FitResult(train_loss=train[k][:run], best_epoch=best[k] or None)
-        if val is not None:
-            result.val_loss = val[k][:run - 1 if diverged[k] else run]  # no val after NaN
-        if diverged[k]:
+    for k in range(len(done)):
+        r = done[k]
+        run = r.stop_epoch or len(history)
+        result = FitResult(train_loss=train[k][:run], best_epoch=r.best_epoch or None)
+        if val_history:
+            result.val_loss = val[k][:run - 1 if r.diverged else run]  # no val after NaN
+        if r.diverged:
             result.diverged = True
             result.diverged_reason = f"training loss {result.train_loss[-1]} at epoch {run}"
         # The plain loop probes epoch e only if the model finished it without diverging.
-        kept = [e for e in probes if e <= 0 or e < run or (e == run and not diverged[k])]
-        records.append(ProbeRecords({e: _probe_record(probes[e][0][k], probes[e][1][k], names, e)
-                                     for e in kept}))
+        kept = [e for e in probes if e <= 0 or e < run or (e == run and not r.diverged)]
+        records.append(ProbeRecords({e: _probe_record(*probes[e][k], names, e) for e in kept}))
         results.append(result)
     return results, records
+
+
+def _per_model(history: list, K: int) -> list[list[float]]:
+    """Per-epoch (losses, active models) -> each model's losses, epoch 1 first."""
+    out = [[] for _ in range(K)]
+    for losses, active in history:
+        for k, value in zip(active, losses.tolist(), strict=True):
+            out[k].append(value)
+    return out
