@@ -98,6 +98,20 @@ def test_fit_matches_plain_loop(optimizer, activation, dataset, batch_size):
     _compare(configs, [train] * 3, n_classes)
 
 
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full", "minibatch"])
+@pytest.mark.parametrize("activation,residual", [("relu", False), ("tanh", True),
+                                                 ("selu", False), ("rrelu", True)])
+def test_dropout_matches_plain_loop(activation, residual, batch_size):
+    """Each model's masks drawn from its own copy of the plain loop's stream (alpha dropout
+    after selu), with residual blocks, early stopping and probes in both modes."""
+    train, n_classes = _split("wine", rows=120)
+    val, _ = _split("wine", rows=40, offset=1)
+    configs = [make_config(optimizer="adam", activation=activation, lr=0.01, epochs=15,
+                           batch_size=batch_size, dropout=0.3, residual=residual, widths=(7, 7),
+                           seed=s, probe_epochs=(3,), patience=4) for s in range(3)]
+    _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
+
+
 def test_per_model_hyperparameters_data_and_layer_norm():
     """lr, momentum, weight decay and init per model; each model its own rows."""
     trains = [_split("wine", rows=100, offset=k)[0] for k in range(4)]
@@ -193,17 +207,19 @@ def test_plan_says_why_a_config_runs_on_the_plain_loop():
     reasons = batched_run.plan(configs)
     assert reasons[:2] == [None, None]
     assert reasons[2] == "engine plain requested"
-    assert "dropout" in reasons[3]
+    assert "no other model" in reasons[3]  # dropout itself is batched (test below)
     assert "no other model" in reasons[4]
     assert reasons[5] is None  # alone, but its three folds train together
 
 
-def test_learnable_and_random_slopes_are_batched_on_the_cpu():
-    configs = [make_config(dataset="iris", activation=a, seed=s, device="cpu")
-               for a in ("prelu", "rrelu") for s in range(2)]
-    assert batched_run.plan(configs) == [None] * 4
+def test_random_slopes_and_masks_are_batched_on_the_cpu_only():
+    configs = [make_config(dataset="iris", activation=a, dropout=p, seed=s, device="cpu")
+               for a, p in (("prelu", 0.0), ("rrelu", 0.0), ("relu", 0.2)) for s in range(2)]
+    assert batched_run.plan(configs) == [None] * 6
     reason = batched.unsupported_reason(make_config(activation="rrelu", device="cuda"))
     assert "rrelu on CUDA" in reason
+    reason = batched.unsupported_reason(make_config(dropout=0.1, device="cuda"))
+    assert "dropout 0.1 on CUDA" in reason
 
 
 def test_forcing_batched_on_an_unsupported_config_names_why():

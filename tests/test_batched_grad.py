@@ -55,6 +55,25 @@ def test_manual_gradients_equal_autograd(activation, n_classes, shared):
     assert grad.abs().sum() > 0  # something flowed back
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("activation", ["tanh", "selu", "prelu", "gelu"])
+def test_manual_gradients_with_dropout_equal_autograd(activation, n_classes):
+    """Dropout (alpha dropout after selu) after each activation, with and without shortcuts."""
+    for residual in (False, True):
+        trainer = _trainer(activation, n_classes, widths=(6, 6, 4), residual=residual,
+                           dropout=0.4)
+        X, y = _data(n_classes, shared=True)
+        with trainer.act.drawing(trainer.forks([True] * K)):  # the same masks for both
+            want_loss, want_grad = trainer.autograd(Data(X, y))
+        with trainer.act.drawing(trainer.forks([True] * K)):
+            loss, grad = trainer.manual(trainer.flat, X, y)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+        other = [torch.Generator().manual_seed(99 + k) for k in range(K)]  # other masks
+        with trainer.act.drawing(other):
+            assert not torch.equal(trainer.manual(trainer.flat, X, y)[1], grad)
+
+
 @pytest.mark.parametrize("options", [dict(activation="softmax"), dict(activation="softmin"),
                                      dict(activation="tanh", norm="layer")],
                          ids=["softmax", "softmin", "layer-norm"])

@@ -14,6 +14,7 @@ independent steps, written out here to follow ``torch.optim``'s update rules.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,13 +36,14 @@ def unsupported_reason(config: TrainConfig) -> str | None:
     """Why ``config`` needs the plain loop, or None when the batched engine can train it."""
     if config.arch != "mlp":
         return f"arch {config.arch!r} (only plain MLPs are batched)"
-    if config.dropout > 0:
-        return f"dropout {config.dropout} (random masks per model)"
     if config.norm == "batch":
         return "batch norm (running statistics per model)"
-    if config.activation == "rrelu" and (config.device == "cuda" or (
-            config.device == "auto" and torch.cuda.is_available())):
-        return "activation rrelu on CUDA (its random slopes are drawn model by model on the CPU)"
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        # NOTE: each model draws from its own copy of the plain loop's stream, on the CPU.
+        if config.dropout > 0:
+            return f"dropout {config.dropout} on CUDA (random masks drawn model by model)"
+        if config.activation == "rrelu":
+            return "activation rrelu on CUDA (random slopes drawn model by model)"
     return None
 
 
@@ -59,6 +61,7 @@ class Layout:
     activation: str
     norm: str  # "none" | "layer"
     residual: tuple[bool, ...]  # per hidden block
+    dropout: float = 0.0  # after each hidden activation (alpha dropout after selu)
 
     @property
     def n_params(self) -> int:
@@ -108,7 +111,8 @@ def layout_of(model: nn.Module, config: TrainConfig) -> Layout:
     named = list(model.named_parameters())
     residual = tuple(bool(block.residual) for block in model.blocks)
     return Layout(names=tuple(n for n, _ in named), shapes=tuple(tuple(p.shape) for _, p in named),
-                  activation=config.activation, norm=config.norm, residual=residual)
+                  activation=config.activation, norm=config.norm, residual=residual,
+                  dropout=config.dropout)
 
 
 def stack(models: list[nn.Module]) -> torch.Tensor:
@@ -187,6 +191,40 @@ class StackedActivation:
         return saturated(self.spec, self.module, z.transpose(1, 2))
 
 
+ALPHA_DROPOUT = 1.7580993408473766  # torch's alpha dropout: -SELU_SCALE * SELU_ALPHA
+
+
+def dropout(a: torch.Tensor, p: float, alpha: bool, generators: list[torch.Generator | None],
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout (alpha dropout when ``alpha``) of a (K, width, n), model k's mask drawn from
+    ``generators[k]`` (None: that model is evaluated, nothing dropped); returns the output and
+    the factor its gradient is multiplied by, (K, width, n).
+
+    Each mask is drawn as torch draws it, over the model's (rows, width) in row-major order,
+    and scaled by the same operations, so every entry equals the plain loop's.
+    """
+    K, width, n = a.shape
+    noises, shifts = [], []
+    for g in generators:
+        noise = torch.empty(n, width, device=a.device)  # the plain loop's (batch, width)
+        if g is None:
+            noises.append(noise.fill_(1.0)), shifts.append(torch.zeros_like(noise))
+            continue
+        noise.bernoulli_(1 - p, generator=g)
+        if alpha:
+            scale = 1.0 / math.sqrt((ALPHA_DROPOUT * ALPHA_DROPOUT * p + 1) * (1 - p))
+            shifts.append(noise.add(-1).mul_(ALPHA_DROPOUT * scale).add_(ALPHA_DROPOUT * scale * p))
+            noise.mul_(scale)
+        else:
+            noise.div_(1 - p)
+        noises.append(noise)
+    noise = torch.stack(noises).transpose(1, 2)
+    out = a * noise
+    if alpha:
+        out = out + torch.stack(shifts).transpose(1, 2)
+    return out, noise
+
+
 def prelu(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """z if z > 0 else weight * z, with torch's prelu kernel; weight (K, 1, 1) per model."""
     return torch.ops.aten._prelu_kernel(z, weight)
@@ -224,6 +262,8 @@ def forward(layout: Layout, flat: torch.Tensor, X: torch.Tensor, act: StackedAct
         a = act(z, w)  # (K, width, n)
         if trace is not None:
             trace.append((z, a, w))
+        if layout.dropout and act.generators is not None:  # training
+            a = dropout(a, layout.dropout, act.spec.name == "selu", act.generators)[0]
         h = h + a if layout.residual[i] else a
     return linear(p["head.weight"], p["head.bias"], h)
 

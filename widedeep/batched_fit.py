@@ -5,11 +5,10 @@ would record each model on its own.
 Bookkeeping on the device freezes each model's *final* weights at the epoch the plain loop
 would have stopped it (patience, or a non-finite loss), and its *best* weights (lowest
 validation loss) while it runs. On the CPU, a model that stops leaves the stack at once, so
-the others go on without carrying it (early stopping in a cross-validated search: half the
-time). Elsewhere, where a check costs a device sync (and a CUDA graph fixes the stack), models
-are independent and stopped ones ride along, frozen in the book; host syncs happen only every
-``SYNC_EVERY`` epochs (to end early once all have stopped) and at the end, when the histories
-are cut at each model's stop epoch.
+the others go on without carrying it. Elsewhere, where a check costs a device sync (and a
+CUDA graph fixes the stack), stopped models ride along, frozen in the book; host syncs happen
+only every ``SYNC_EVERY`` epochs (to end early once all have stopped) and at the end, when
+the histories are cut at each model's stop epoch.
 """
 
 from __future__ import annotations
@@ -79,10 +78,11 @@ class Trainer:
         self.batch_size = configs[0].batch_size
         self.orders = {c.seed: torch.Generator().manual_seed(c.seed) for c in configs}
         self.graph = None  # a captured full-batch step (CUDA only), see batched_cuda
-        # rrelu's slopes: model k draws from its own CPU stream, which starts where the
-        # global one stood when the plain loop would have started training it (rngs[k]).
+        # rrelu's slopes and dropout's masks: model k draws from its own CPU stream, which
+        # starts where the global one stood when the plain loop would have started training
+        # it (rngs[k]).
         self.generators = None
-        if self.act.spec.name == "rrelu":
+        if self.act.spec.name == "rrelu" or self.layout.dropout:
             states = rngs if rngs is not None else [torch.get_rng_state()] * len(models)
             self.generators = [torch.Generator().set_state(s) for s in states]
         # Small nets: one compiled call; else gradients written out in torch ops where the
@@ -105,7 +105,7 @@ class Trainer:
 
     def step(self, data: Data) -> torch.Tensor:
         """One update of every model on ``data``; returns the (K,) losses before it."""
-        with self.act.drawing(self.generators):  # training: rrelu draws its slopes
+        with self.act.drawing(self.generators):  # training: rrelu's slopes, dropout's masks
             if self.manual is not None:
                 loss, grad = self.manual(self.flat, data.X, data.y)
             else:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from widedeep.batched import Layout, StackedActivation, linear
+from widedeep.batched import Layout, StackedActivation, dropout, linear
 
 aten = torch.ops.aten
 
@@ -118,6 +118,7 @@ class ManualStep:
         """
         p, layout = self.layout.views(flat), self.layout
         inputs, pres, outs = [], [], []  # per hidden layer: h (in, n), z and a (K, width, n)
+        kept = []  # per hidden layer: dropout's gradient factor (K, width, n)
         h = X
         for i in range(layout.depth):
             z = linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
@@ -128,18 +129,23 @@ class ManualStep:
             else:
                 a = self.act(z, p.get(f"blocks.{i}.activation.weight"))
             inputs.append(h), pres.append(z), outs.append(a)
+            if layout.dropout:
+                a, factor = dropout(a, layout.dropout, self.act.spec.name == "selu",
+                                    self.act.generators)
+                kept.append(factor)
             h = h + a if layout.residual[i] else a
         loss, g = _loss_and_grad(linear(p["head.weight"], p["head.bias"], h), y)
         grads = {}
         g = self._linear_back("head", p, g, h, grads, need_input=True)
         for i in reversed(range(layout.depth)):
+            block_g = g * kept[i] if layout.dropout else g  # wrt the activation's output
             if self.backward_ is not None and not layout.residual[i]:
-                dz = self.backward_(g, outs[i])  # g is this step's own, needed no more
+                dz = self.backward_(block_g, outs[i])  # this step's own, needed no more
             elif self.act.spec.name == "prelu":
                 dz, grads[f"blocks.{i}.activation.weight"] = _prelu_backward(
-                    g, pres[i], p[f"blocks.{i}.activation.weight"])
+                    block_g, pres[i], p[f"blocks.{i}.activation.weight"])
             else:
-                dz = self.derivative(g, pres[i], outs[i])
+                dz = self.derivative(block_g, pres[i], outs[i])
             dh = self._linear_back(f"blocks.{i}.linear", p, dz, inputs[i], grads,
                                    need_input=i > 0)
             if i > 0:

@@ -179,13 +179,13 @@ class FusedStep:
     @classmethod
     def create(cls, layout: Layout, device: torch.device) -> FusedStep | None:
         """A step for ``layout`` on ``device``, or None when the fused step does not apply
-        (not CPU, more than one torch thread, normalisation, residual blocks, an activation it
-        lacks, too wide) or is not available (see :func:`status`)."""
+        (not CPU, more than one torch thread, normalisation, residual blocks, dropout, an
+        activation it lacks, too wide) or is not available (see :func:`status`)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
         plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
                                       for p in ("weight", "bias")}  # Linear layers only
-        if (device.type != "cpu" or not plain or any(layout.residual)
+        if (device.type != "cpu" or not plain or any(layout.residual) or layout.dropout
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
         # NOTE: the kernel runs on one thread. Where the run gave this stack more (steps of
