@@ -112,6 +112,21 @@ def test_dropout_matches_plain_loop(activation, residual, batch_size):
     _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
 
 
+@pytest.mark.parametrize("dataset,cross,dropout,batch_size", [
+    ("wine", False, 0.0, None), ("wine", True, 0.2, 40),
+    ("breast_cancer", True, 0.0, None), ("breast_cancer", False, 0.3, 40)])
+def test_wide_and_deep_matches_plain_loop(dataset, cross, dropout, batch_size):
+    """The wide part's logits (on crossed features too) added to the deep part's; its
+    weights trained with the rest; probes of the deep path only, as the plain loop's."""
+    train, n_classes = _split(dataset, rows=120)
+    val, _ = _split(dataset, rows=40, offset=1)
+    configs = [make_config(arch="widedeep", cross=cross, optimizer="adam", activation="tanh",
+                           lr=0.01, epochs=15, batch_size=batch_size, dropout=dropout,
+                           widths=(7, 7), seed=s, probe_epochs=(3,), patience=4)
+               for s in range(3)]
+    _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
+
+
 def test_per_model_hyperparameters_data_and_layer_norm():
     """lr, momentum, weight decay and init per model; each model its own rows."""
     trains = [_split("wine", rows=100, offset=k)[0] for k in range(4)]
@@ -158,12 +173,15 @@ def test_early_stopping_and_divergence_per_model(activation, retire, monkeypatch
         assert stacks == [3] * runs[2]
 
 
-@pytest.fixture(scope="module", params=["tanh", "rrelu"])
+@pytest.fixture(scope="module", params=[dict(activation="tanh"), dict(activation="rrelu"),
+                                        dict(activation="relu", arch="widedeep", cross=True,
+                                             dropout=0.2)],
+                ids=["tanh", "rrelu", "widedeep-dropout"])
 def summaries(request):
-    """run_many on both engines: wine, 3 seeds, 3-fold cv (folds of 60/59/59 rows); rrelu
-    draws its slopes from the random state each fold's model was built in."""
-    options = dict(dataset="wine", split="cv:3", activation=request.param, optimizer="adam",
-                   lr=0.01, epochs=20, patience=4, probe_epochs=(5,))
+    """run_many on both engines: wine, 3 seeds, 3-fold cv (folds of 60/59/59 rows); random
+    slopes and masks come from the random state each fold's model was built in."""
+    options = dict(dataset="wine", split="cv:3", optimizer="adam", lr=0.01, epochs=20,
+                   patience=4, probe_epochs=(5,), **request.param)
     return {engine: run_many([make_config(seed=s, engine=engine, **options)
                               for s in range(3)]) for engine in ("plain", "batched")}
 
@@ -212,10 +230,11 @@ def test_plan_says_why_a_config_runs_on_the_plain_loop():
     assert reasons[5] is None  # alone, but its three folds train together
 
 
-def test_random_slopes_and_masks_are_batched_on_the_cpu_only():
+def test_random_slopes_masks_and_wide_and_deep_are_batched():
     configs = [make_config(dataset="iris", activation=a, dropout=p, seed=s, device="cpu")
                for a, p in (("prelu", 0.0), ("rrelu", 0.0), ("relu", 0.2)) for s in range(2)]
-    assert batched_run.plan(configs) == [None] * 6
+    configs += [make_config(dataset="iris", arch="widedeep", seed=s) for s in range(2)]
+    assert batched_run.plan(configs) == [None] * 8
     reason = batched.unsupported_reason(make_config(activation="rrelu", device="cuda"))
     assert "rrelu on CUDA" in reason
     reason = batched.unsupported_reason(make_config(dropout=0.1, device="cuda"))

@@ -74,6 +74,28 @@ def test_manual_gradients_with_dropout_equal_autograd(activation, n_classes):
             assert not torch.equal(trainer.manual(trainer.flat, X, y)[1], grad)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("cross", [False, True])
+def test_manual_gradients_of_wide_and_deep_equal_autograd(cross, n_classes, shared):
+    """The wide part's weights get their gradient from the logits' (crossed features too)."""
+    configs = [make_config(arch="widedeep", cross=cross, activation="relu", widths=(6, 4),
+                           seed=s) for s in range(K)]
+    models = []
+    for c in configs:
+        torch.manual_seed(c.seed)
+        models.append(build_model(c, D, n_classes))
+    trainer = Trainer(models, configs)
+    assert trainer.layout.wide and trainer.layout.cross == cross
+    X, y = _data(n_classes, shared)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    wide = trainer.layout.views(grad)["wide.weight"]
+    assert wide.shape[-1] == D + (D * (D - 1) // 2 if cross else 0) and wide.abs().sum() > 0
+
+
 @pytest.mark.parametrize("options", [dict(activation="softmax"), dict(activation="softmin"),
                                      dict(activation="tanh", norm="layer")],
                          ids=["softmax", "softmin", "layer-norm"])

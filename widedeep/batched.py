@@ -24,6 +24,7 @@ from torch import nn
 
 from widedeep.activations import SLOPE_FRACTION, get_activation, max_slope, saturated
 from widedeep.config import TrainConfig
+from widedeep.model import WideDeep
 
 # Options that change what the engine computes; a group shares all of them. The rest
 # (seed, init, lr, momentum, weight_decay, engine) may differ from model to model.
@@ -34,8 +35,6 @@ SHAPE_FIELDS = ("dataset", "csv", "target", "split", "test_size", "standardize",
 
 def unsupported_reason(config: TrainConfig) -> str | None:
     """Why ``config`` needs the plain loop, or None when the batched engine can train it."""
-    if config.arch != "mlp":
-        return f"arch {config.arch!r} (only plain MLPs are batched)"
     if config.norm == "batch":
         return "batch norm (running statistics per model)"
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
@@ -62,6 +61,8 @@ class Layout:
     norm: str  # "none" | "layer"
     residual: tuple[bool, ...]  # per hidden block
     dropout: float = 0.0  # after each hidden activation (alpha dropout after selu)
+    wide: bool = False  # Wide & Deep: a linear model on the inputs adds to the logits
+    cross: bool = False  # ... whose inputs include the pairwise products of the features
 
     @property
     def n_params(self) -> int:
@@ -108,11 +109,15 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def layout_of(model: nn.Module, config: TrainConfig) -> Layout:
+    """A plain MLP's layout, or Wide & Deep's: its deep part's names without "deep."."""
     named = list(model.named_parameters())
-    residual = tuple(bool(block.residual) for block in model.blocks)
-    return Layout(names=tuple(n for n, _ in named), shapes=tuple(tuple(p.shape) for _, p in named),
+    wide = isinstance(model, WideDeep)
+    blocks = model.deep.blocks if wide else model.blocks
+    residual = tuple(bool(block.residual) for block in blocks)
+    return Layout(names=tuple(n.removeprefix("deep.") for n, _ in named),
+                  shapes=tuple(tuple(p.shape) for _, p in named),
                   activation=config.activation, norm=config.norm, residual=residual,
-                  dropout=config.dropout)
+                  dropout=config.dropout, wide=wide, cross=wide and config.cross)
 
 
 def stack(models: list[nn.Module]) -> torch.Tensor:
@@ -265,7 +270,20 @@ def forward(layout: Layout, flat: torch.Tensor, X: torch.Tensor, act: StackedAct
         if layout.dropout and act.generators is not None:  # training
             a = dropout(a, layout.dropout, act.spec.name == "selu", act.generators)[0]
         h = h + a if layout.residual[i] else a
-    return linear(p["head.weight"], p["head.bias"], h)
+    logits = linear(p["head.weight"], p["head.bias"], h)
+    if layout.wide:
+        logits = linear(p["wide.weight"], p["wide.bias"], wide_input(X, layout.cross)) + logits
+    return logits
+
+
+def wide_input(X: torch.Tensor, cross: bool) -> torch.Tensor:
+    """Wide & Deep's wide inputs, feature-major: X (d, n) or (K, d, n), then with ``cross``
+    the products X[i] X[j] for i < j, in the order of ``widedeep.model.cross_features``."""
+    if not cross:
+        return X
+    d = X.shape[-2]
+    i, j = torch.triu_indices(d, d, offset=1, device=X.device)
+    return torch.cat([X, X[..., i, :] * X[..., j, :]], dim=-2)
 
 
 def per_model_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

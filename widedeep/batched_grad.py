@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from widedeep.batched import Layout, StackedActivation, dropout, linear
+from widedeep.batched import Layout, StackedActivation, dropout, linear, wide_input
 
 aten = torch.ops.aten
 
@@ -134,8 +134,14 @@ class ManualStep:
                                     self.act.generators)
                 kept.append(factor)
             h = h + a if layout.residual[i] else a
-        loss, g = _loss_and_grad(linear(p["head.weight"], p["head.bias"], h), y)
+        logits = linear(p["head.weight"], p["head.bias"], h)
+        if layout.wide:
+            wide = wide_input(X, layout.cross)
+            logits = linear(p["wide.weight"], p["wide.bias"], wide) + logits
+        loss, g = _loss_and_grad(logits, y)
         grads = {}
+        if layout.wide:
+            self._linear_back("wide", p, g, wide, grads, need_input=False)
         g = self._linear_back("head", p, g, h, grads, need_input=True)
         for i in reversed(range(layout.depth)):
             block_g = g * kept[i] if layout.dropout else g  # wrt the activation's output
