@@ -131,7 +131,8 @@ def lecture_file(name, **kwargs) -> dict:
 
 
 @pytest.mark.slow
-def test_two_workers_equal_one_worker_and_run_each_trial_once(url, diabetes_dir):
+def test_two_workers_equal_one_worker_and_run_each_trial_once(url, diabetes_dir,
+                                                               monkeypatch):
     one = sweep.spec_from_dict(lecture_file("one"))
     two = sweep.spec_from_dict(lecture_file("two"))
     counts = sweep.run_sweep(one, storage=url, progress=False)
@@ -140,8 +141,11 @@ def test_two_workers_equal_one_worker_and_run_each_trial_once(url, diabetes_dir)
     for spec in (one, two):
         assert_exactly_once(spec, url)
     assert stable(sweep.trials("one", storage=url)) == stable(sweep.trials("two", storage=url))
+    spawned, popen = [], subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: spawned.append(a) or popen(*a, **k))
     again = sweep.run_sweep(two, storage=url, workers=2, progress=False)
     assert again["ran_now"] == 0 and again["done"] == 8
+    assert spawned == []  # nothing left to claim: no worker started for nothing
 
 
 def test_records_keep_summary_history_and_probes(url):

@@ -224,9 +224,12 @@ def run_workers(spec, url: str, *, workers: int, progress: bool,
         bar = tqdm(total=total, initial=sum(_finished(store, spec.name).values()),
                    disable=not progress or not sys.stderr.isatty(), file=sys.stderr,
                    unit="trial", desc=spec.name)
+        left = store.counts(spec.name)
         with bar:
             kwargs = dict(group=group, grace_s=grace_s)
-            if workers == 1:
+            if not left.get("pending") and not left.get("running"):
+                pass  # all done: a worker process would take seconds to start for nothing
+            elif workers == 1:
                 work(spec, url, worker=run_id + "0", on_done=bar.update, store=store,
                      **kwargs)
             else:
@@ -245,9 +248,13 @@ def _spawn(spec, url, run_id, workers, bar, store, kwargs) -> None:
         job = dict(spec=spec.to_dict(), url=url, worker=f"{run_id}{i}", threads=1, **kwargs)
         procs.append(subprocess.Popen([sys.executable, "-m", __name__, json.dumps(job)]))
     try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(POLL_S)
-            bar.update(sum(_finished(store, spec.name).values()) - bar.n)
+        for p in procs:  # each returns as soon as it exits
+            while True:
+                try:
+                    p.wait(timeout=POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    bar.update(sum(_finished(store, spec.name).values()) - bar.n)
     finally:
         for p in procs:
             try:
