@@ -151,14 +151,16 @@ def wide_nets(data: pd.DataFrame) -> pd.DataFrame:
 
 
 def sweep_commands(data: pd.DataFrame) -> pd.DataFrame:
-    """Whole ``widedeep sweep`` commands: seconds per engine, and the speedup of each over
-    the plain engine measured in the same run (file)."""
-    rows = data[data["kind"] == "sweep"]
+    """Many runs end to end (kinds ``sweep``: whole ``widedeep sweep`` commands; ``runs``:
+    search-like trials): seconds per engine, and the speedup of each over the plain engine
+    of the same benchmark measured in the same run (file)."""
+    rows = data[data["kind"].isin(["sweep", "runs"])]
     if rows.empty:
         return pd.DataFrame(columns=["name", "engine", "models", "seconds", "speedup_vs_plain"])
-    rows = rows.assign(seconds=rows["median_s"])
-    plain = rows[rows["engine"] == "plain"].groupby("file")["seconds"].min()
-    rows = rows.assign(speedup_vs_plain=plain.reindex(rows["file"]).to_numpy() / rows["seconds"])
+    rows = rows.assign(seconds=rows["median_s"], bench=rows["name"].str.split("[").str[0])
+    plain = rows[rows["engine"] == "plain"].groupby(["file", "bench"])["seconds"].min()
+    keys = pd.MultiIndex.from_frame(rows[["file", "bench"]])
+    rows = rows.assign(speedup_vs_plain=plain.reindex(keys).to_numpy() / rows["seconds"])
     return rows[["name", "engine", "models", "seconds", "speedup_vs_plain", "file"]].reset_index(
         drop=True)
 
@@ -228,9 +230,13 @@ WIDE_TITLE = ("Wide nets (2 hidden layers of 512 or 1024 ReLU units, full batch)
               "engine: achieved GFLOP/s as a fraction of the run's float32 matmul peak, from "
               "median times and from best times (the peak is measured earlier in the run, so on "
               "a busy machine the median-based fraction moves between runs).")
-SWEEP_TITLE = ("The whole `widedeep sweep` command (a child process, from empty storage): 64 "
-               "seeds of the lecture preset, 100 full-batch epochs each, seconds (median) per "
-               "engine and speedup over `engine = \"plain\"` in the same run.")
+SWEEP_TITLE = ("Many runs end to end, seconds (median) per engine and speedup over "
+               "`engine = \"plain\"` of the same benchmark in the same run: "
+               "`test_sweep_command`, the whole `widedeep sweep` command (a child process, "
+               "from empty storage) for 64 seeds of the lecture preset, 100 full-batch epochs "
+               "each; `test_search_trials`, five search-like configs (Wide & Deep, dropout, "
+               "layer norm, mini-batches, early stopping) under 5-fold cross-validation on "
+               "breast_cancer, trained as search trials are.")
 
 
 # ------------------------------------------------------------------ figures

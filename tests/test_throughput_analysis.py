@@ -139,6 +139,21 @@ def test_sweep_speedup_is_taken_within_each_run(cpu_run, tmp_path):
     assert "widedeep sweep" in md and "| auto | 64 | 4 | 3 |" in md
 
 
+def test_each_benchmark_is_compared_with_its_own_plain_case(cpu_run, tmp_path):
+    run = _with_sweeps(json.loads(cpu_run.read_text()), 12.0, 4.0)
+    for engine, median in (("plain", 30.0), ("auto", 15.0)):
+        case = json.loads(json.dumps(run["benchmarks"][0]))
+        case["name"] = f"test_search_trials[{engine}]"
+        case["stats"].update(median=median, min=median)
+        case["extra_info"] = {"kind": "runs", "device": "cpu", "engine": engine, "models": 25}
+        run["benchmarks"].append(case)
+    folder = results_with(tmp_path, ("a.json", run))
+    table = sweep_commands(load(folder / "benchmarks")[0]).set_index("name")
+    assert table.loc["test_sweep_command[auto]", "speedup_vs_plain"] == pytest.approx(3.0)
+    assert table.loc["test_search_trials[auto]", "speedup_vs_plain"] == pytest.approx(2.0)
+    assert table.loc["test_search_trials[plain]", "speedup_vs_plain"] == pytest.approx(1.0)
+
+
 def test_speedup_heatmap_with_cuda_run(cpu_run, tmp_path):
     run = json.loads(cpu_run.read_text())
     out = build(results_with(tmp_path, ("cpu.json", run), ("cuda.json", as_cuda(run, 8.0))))
