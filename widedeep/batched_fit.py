@@ -120,8 +120,8 @@ class Trainer:
         if self.batch_size is None or self.batch_size >= data.n:
             return self.step(data)
         # NOTE: the plain loop's order: one generator per seed, randperm(n) each epoch.
-        perms = {c.seed: None for c in self.configs}  # the seeds still training
-        perms = {s: torch.randperm(data.n, generator=self.orders[s]) for s in perms}
+        seeds = dict.fromkeys(c.seed for c in self.configs)  # those still training, in order
+        perms = {s: torch.randperm(data.n, generator=self.orders[s]) for s in seeds}
         perm = torch.stack([perms[c.seed] for c in self.configs]).to(data.X.device)  # (K, n)
         total = torch.zeros(len(self.configs), device=data.X.device)
         for idx in perm.split(self.batch_size, dim=1):  # (K, b)
@@ -140,9 +140,10 @@ class Trainer:
 
     def forks(self, training: list[bool], states: list[torch.Tensor] | None = None,
               ) -> list[torch.Generator | None] | None:
-        """rrelu's streams for a probe, which draws from copies (the plain probe forks the
-        global stream): model k draws if ``training[k]``, else is evaluated; ``states``
-        default to where each stream stands now. None for every other activation."""
+        """The models' random streams (rrelu's slopes, dropout's masks) for a probe, which
+        draws from copies (the plain probe forks the global stream): model k draws if
+        ``training[k]``, else is evaluated; ``states`` default to where each stream stands
+        now. None when the models draw nothing."""
         if self.generators is None:
             return None
         states = states or [g.get_state() for g in self.generators]
@@ -229,7 +230,8 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
     what ``fit`` and a ``ProbeCallback`` would have recorded for each model on its own. On
     CUDA, full-batch steps replay a captured CUDA graph unless ``cuda_graphs`` is False.
     ``rngs[k]`` is the CPU random state the plain loop would start training model k from
-    (rrelu draws from it; default: the current state, for every model).
+    (rrelu's slopes and dropout's masks come from it; default: the current state, for
+    every model).
     """
     K = len(models)
     trainer = Trainer(models, configs, rngs)
@@ -316,7 +318,7 @@ def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data,
 
     The same quantities as ``widedeep.probes.probe``: L2 norm of each Linear weight's
     gradient of the full-batch loss; mean, std, saturated and dead share of each activation.
-    ``generators``: rrelu's streams for this probe (see ``Trainer.forks``).
+    ``generators``: the models' random streams for this probe (see ``Trainer.forks``).
     """
     flat = flat.detach().requires_grad_(True)
     trace: list = []
