@@ -141,6 +141,7 @@ class StackedActivation:
     slopes, drawn in training only, model k from ``generators[k]`` (None: that model is
     evaluated, with the mean slope). Each model draws its slopes over its own (rows, width)
     pre-activations in row-major order, from its own stream, as the plain loop draws them.
+    ``generators`` (set by :meth:`drawing`) also feed :func:`dropout`'s masks in training.
     """
 
     def __init__(self, name: str):
