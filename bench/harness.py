@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark modules (bench/test_throughput.py, bench/test_batched.py):
-the device's timer and warm-up mark, analytic FLOP counts and the ``extra_info`` filler.
+"""Helpers shared by the benchmark modules (bench/test_throughput.py, bench/test_batched.py,
+bench/test_sweep_command.py, bench/test_search_trials.py): the device's timer and warm-up
+mark, analytic FLOP counts and the ``extra_info`` fillers.
 
 Import them as ``from bench.harness import ...``; the ``peak_gflops`` fixture (this run's
 matmul GFLOP/s per device) lives in bench/conftest.py.
@@ -89,3 +90,19 @@ def fill_extra_info(benchmark, *, kind: str, device: str, samples: int | None, f
                 peak_gflops_per_s=peak, fraction_of_peak=gflops / peak if peak else None)
 
 
+def fill_engine_run(benchmark, plain_s: dict[str, float], *, kind: str, engine: str,
+                    **info) -> None:
+    """``extra_info`` of a many-runs case timed per engine, plain first: its kind, engine and
+    ``info``, median ``seconds``, and for the other engines ``speedup_vs_plain`` over the
+    plain case of this run (whose median ``plain_s`` keeps)."""
+    benchmark.extra_info.update(kind=kind, device="cpu", engine=engine, **info)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # untimed (--benchmark-disable)
+        return
+    median = stats.stats.median
+    benchmark.extra_info["seconds"] = median
+    if engine == "plain":
+        plain_s["median"] = median
+    elif "median" in plain_s:
+        benchmark.extra_info.update(plain_seconds=plain_s["median"],
+                                    speedup_vs_plain=plain_s["median"] / median)

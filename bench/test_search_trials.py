@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench.harness import fill_engine_run
 from widedeep.config import make_config
 from widedeep.run import run_many
 
@@ -47,14 +48,5 @@ def test_search_trials(benchmark, plain_s, engine):
                                  iterations=1)
     engines = {r.summary["engine"] for r in results}
     assert engines == {"plain" if engine == "plain" else "batched"}, engines
-    info = benchmark.extra_info
-    info.update(kind="runs", device="cpu", engine=engine, models=len(configs) * FOLDS)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:
-        return
-    info["seconds"] = stats.stats.median
-    if engine == "plain":
-        plain_s["median"] = stats.stats.median
-    elif "median" in plain_s:
-        info["plain_seconds"] = plain_s["median"]
-        info["speedup_vs_plain"] = plain_s["median"] / stats.stats.median
+    fill_engine_run(benchmark, plain_s, kind="runs", engine=engine,
+                    models=len(configs) * FOLDS)

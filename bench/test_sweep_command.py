@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import fill_engine_run
 from widedeep import data
 from widedeep.errors import UserError
 
@@ -67,14 +68,4 @@ def test_sweep_command(benchmark, lecture_file, plain_s, tmp_path, engine):
         return (spec, tmp_path / f"round-{next(fresh)}.sqlite3"), {}
 
     benchmark.pedantic(_sweep, setup=empty_storage, rounds=ROUNDS, iterations=1)
-    info = benchmark.extra_info
-    info.update(kind="sweep", device="cpu", engine=engine, models=seeds, epochs=100)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:
-        return
-    info["seconds"] = stats.stats.median
-    if engine == "plain":
-        plain_s["median"] = stats.stats.median
-    elif "median" in plain_s:
-        info["plain_seconds"] = plain_s["median"]
-        info["speedup_vs_plain"] = plain_s["median"] / stats.stats.median
+    fill_engine_run(benchmark, plain_s, kind="sweep", engine=engine, models=seeds, epochs=100)
