@@ -149,7 +149,8 @@ class StackedActivation:
         self.module = self.spec.create()
         if self.spec.name == "rrelu":
             self.module.eval()  # the probes' slopes: never a draw from the global stream
-        self.generators: list[torch.Generator | None] | None = None  # rrelu in training
+        # per-model streams of rrelu's slopes and dropout's masks, set in training only
+        self.generators: list[torch.Generator | None] | None = None
         self.probing = False
 
     def __call__(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +164,8 @@ class StackedActivation:
 
     @contextmanager
     def drawing(self, generators: list[torch.Generator | None] | None, *, probing: bool = False):
-        """rrelu's slopes come from ``generators`` (per model; None = evaluation) inside."""
+        """Inside, rrelu's slopes and dropout's masks come from ``generators`` (per model;
+        None: that model is evaluated); ``probing`` replays the plain probe's extra draws."""
         saved = self.generators, self.probing
         self.generators, self.probing = generators, probing
         try:
@@ -197,7 +199,7 @@ class StackedActivation:
         return saturated(self.spec, self.module, z.transpose(1, 2))
 
 
-ALPHA_DROPOUT = 1.7580993408473766  # torch's alpha dropout: -SELU_SCALE * SELU_ALPHA
+ALPHA_DROPOUT = 1.7580993408473766  # torch's alpha dropout: SELU_SCALE * SELU_ALPHA
 
 
 def dropout(a: torch.Tensor, p: float, alpha: bool, generators: list[torch.Generator | None],
