@@ -59,12 +59,12 @@ def derivative_of(module: nn.Module) -> Derivative | None:
     return table.get(type(module))
 
 
-# Activations with state per model. prelu: see _prelu_backward. rrelu: the slopes drawn in the
-# forward pass (K, width, n) are kept in place of the pre-activation; its derivative is the
-# slope applied.
-_STATEFUL: dict[str, Derivative] = {
-    "prelu": lambda g, z, w: _prelu_backward(g, z, w)[0],
+# Activations with state per model. rrelu: the slopes drawn in the forward pass (K, width, n)
+# are kept in place of the pre-activation; its derivative is the slope applied. prelu: its
+# slope has a gradient too, so the step calls _prelu_backward itself.
+_STATEFUL: dict[str, Derivative | None] = {
     "rrelu": lambda g, slopes, a: g * slopes,
+    "prelu": None,
 }
 
 
@@ -79,6 +79,7 @@ def _prelu_backward(g: torch.Tensor, z: torch.Tensor, w: torch.Tensor,
     above = aten.threshold_backward(g, z, 0)  # g where z > 0, else 0
     below = g - above  # g where z <= 0, else 0 (exact: g - g, g - 0)
     return torch.addcmul(above, w, below), (below * z).sum((1, 2))
+
 
 # Activations whose derivative needs only their output: applied in place on the
 # pre-activation, and differentiated in place on the incoming gradient, so a step allocates
@@ -103,10 +104,10 @@ class ManualStep:
     def create(cls, layout: Layout, act: StackedActivation) -> ManualStep | None:
         """A step for ``layout``, or None when it needs autograd (layer norm, or an
         activation whose derivative is not written out here)."""
-        derivative = derivative_of(act.module) if act.spec.elementwise else None
-        if act.spec.name in _STATEFUL:
-            derivative = _STATEFUL[act.spec.name]
-        if layout.norm != "none" or derivative is None:
+        name = act.spec.name
+        derivative = _STATEFUL[name] if name in _STATEFUL else (
+            derivative_of(act.module) if act.spec.elementwise else None)
+        if layout.norm != "none" or (derivative is None and name not in _STATEFUL):
             return None
         return cls(layout, act, derivative)
 
