@@ -49,6 +49,8 @@ class Context:
     env: dict = field(default_factory=dict)
     sweeps: list[dict] = field(default_factory=list)  # what ran, for environment.json
     cache: dict = field(default_factory=dict)  # results one section hands to another
+    # sweep_worker.Background: workers running sections' sweeps ahead of them
+    background: object | None = None
     _trials: dict = field(default_factory=dict)
     _records: dict = field(default_factory=dict)
 
@@ -61,13 +63,22 @@ class Context:
         return self.out / "figures"
 
     def run(self, spec: sweep.SweepSpec) -> dict:
-        """Run whatever of ``spec`` is not yet in the storage; small sweeps use one worker."""
+        """Run whatever of ``spec`` is not yet in the storage (waiting first for the
+        background workers where they run it); small sweeps use one worker."""
         total = len(spec.points()) * len(spec.seeds)
         # spawning a worker process costs seconds: not worth it for a handful of trials
         workers = self.workers if total >= 4 * self.workers else 1
         start = time.perf_counter()
+        ran = 0
+        if self.background is not None and spec.name in self.background.names:
+            self.background.names.discard(spec.name)  # its trials are counted once
+            if not self.background.wait(spec, progress=self.progress) and self.progress:
+                print(f"  sweep {spec.name}: the background workers stopped before it "
+                      "finished; running the rest here", flush=True)
+            ran = self.background.ran(spec.name)
         counts = sweep.run_sweep(spec, storage=self.storage, workers=workers,
                                  progress=self.progress)
+        counts["ran_now"] += ran
         self.sweeps.append({"name": spec.name, **counts,
                             "seconds": round(time.perf_counter() - start, 1)})
         if self.progress:

@@ -17,10 +17,19 @@ from pathlib import Path
 import optuna
 import torch
 
-from analysis import confusion, datasets, gradients, grid, leaderboard, lecture, throughput_section
+from analysis import (
+    confusion,
+    datasets,
+    gradients,
+    grid,
+    inits,
+    leaderboard,
+    lecture,
+    throughput_section,
+)
 from analysis.context import Context
 from analysis.profiles import get_profile
-from widedeep import fused
+from widedeep import fused, sweep
 from widedeep.env import environment, git_commit
 from widedeep.records import write_json
 
@@ -83,6 +92,18 @@ def _header(env: dict, profile: str) -> str:
     ])
 
 
+def _start_sweeps(ctx: Context):
+    """With several workers, start every sweep that does not wait for the search, in section
+    order, in background workers (None with one worker, or when they are all done)."""
+    if ctx.workers < 2:
+        return None
+    specs = {}
+    for module in (lecture, grid, inits, datasets):
+        for spec in module.specs(ctx.profile).values():
+            specs.setdefault(spec.name, spec)
+    return sweep.start_sweeps(list(specs.values()), storage=ctx.storage, workers=ctx.workers)
+
+
 def build(*, profile: str = "quick", out: str | os.PathLike = "results",
           storage: str | None = None, workers: int = 1, progress: bool = True,
           engine: str = "auto") -> Path:
@@ -99,6 +120,7 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
     seconds: dict[str, float] = {}
     leaderboard.start(ctx)  # in a process of its own, beside sections 1, 2, 3 and 6
     try:
+        ctx.background = _start_sweeps(ctx)
         for number, module in ORDER:
             if progress:
                 print(f"section {number}: {module.__name__}", flush=True)
@@ -107,6 +129,11 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
             seconds[str(number)] = round(time.perf_counter() - section_start, 1)
     finally:
         leaderboard.stop(ctx)
+        bad = ctx.background.stop() if ctx.background is not None else []
+        if bad:
+            print(f"widedeep: background sweep worker(s) exited with an error (worker: "
+                  f"status) {', '.join(bad)}; their sweeps were finished here",
+                  file=sys.stderr, flush=True)
     body = "\n".join(parts[n] for n in sorted(parts))
     readme = out / "README.md"
     readme.write_text(_header(env, profile) + "\n" + body)

@@ -147,6 +147,22 @@ def test_rerun_trains_nothing(report):
     assert env["sweeps"] and all(s["ran_now"] == 0 for s in env["sweeps"])
 
 
+def test_background_workers_write_the_same_report(report, tmp_path):
+    """Two workers run the sections' sweeps in the background: same tables, each trial once."""
+    out, _ = report
+    out2 = tmp_path / "results"
+    assert main(["report", "--profile", "tiny", "--out", str(out2), "--workers", "2",
+                 "--quiet"]) == 0
+    for name in ("lecture_runs", "grid_final_loss", "grad_ratio_by_depth", "init_compare",
+                 "datasets_all"):
+        pd.testing.assert_frame_equal(_table(out2, name), _table(out, name), check_exact=True)
+    sweeps = json.loads((out2 / "environment.json").read_text())["sweeps"]
+    ran = {}
+    for s in sweeps:  # the grid is read twice (sections 2 and 3): trained once
+        ran[s["name"]] = ran.get(s["name"], 0) + s["ran_now"]
+    assert all(ran[s["name"]] == s["total"] for s in sweeps), sweeps
+
+
 def test_contradictory_profile_is_a_user_error(capsys):
     assert main(["report", "--full", "--profile", "tiny"]) == 2
     assert "error: --full contradicts --profile tiny" in capsys.readouterr().err
@@ -203,10 +219,12 @@ def test_engine_plain_gets_studies_of_its_own(tmp_path):
 
 
 def test_a_failing_section_stops_the_background_search(tmp_path, monkeypatch, capfd):
-    """The search runs in a process of its own from the start: an error in an earlier
-    section interrupts it quietly (no traceback of its own) and leaves no process behind."""
+    """The search and (with two workers) the sections' sweeps run in processes of their own
+    from the start: an error in an earlier section interrupts them quietly (no traceback of
+    their own) and leaves no process behind."""
     from analysis import grid, report
     from widedeep.search import SearchJob
+    from widedeep.sweep_worker import Background
 
     if not os.environ.get("WIDEDEEP_DATA"):
         pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
@@ -220,10 +238,12 @@ def test_a_failing_section_stops_the_background_search(tmp_path, monkeypatch, ca
         raise RuntimeError("section 2 failed")
 
     monkeypatch.setattr(SearchJob, "stop", spy)
+    monkeypatch.setattr(Background, "stop", spy)
     monkeypatch.setattr(grid, "render", boom)
     with pytest.raises(RuntimeError, match="section 2 failed"):
-        report.build(profile="tiny", out=tmp_path / "results", progress=False)
-    assert len(stopped) == 1 and None not in stopped[0]
+        report.build(profile="tiny", out=tmp_path / "results", progress=False, workers=2)
+    assert sorted(len(codes) for codes in stopped) == [1, 2]  # the search's, the sweeps'
+    assert not any(None in codes for codes in stopped)  # every process reaped
     assert "Traceback" not in capfd.readouterr().err
 
 

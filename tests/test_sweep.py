@@ -148,6 +148,40 @@ def test_two_workers_equal_one_worker_and_run_each_trial_once(url, diabetes_dir,
     assert spawned == []  # nothing left to claim: no worker started for nothing
 
 
+@pytest.mark.slow
+def test_background_workers_run_several_sweeps_in_order_each_trial_once(url, diabetes_dir):
+    specs = [sweep.spec_from_dict(lecture_file(f"bg{i}")) for i in range(3)]
+    bg = sweep.start_sweeps(specs, storage=url, workers=2)
+    try:
+        assert bg.names == {"bg0", "bg1", "bg2"}
+        for spec in specs:
+            assert bg.wait(spec)
+            assert bg.ran(spec.name) == 8
+    finally:
+        assert bg.stop() == []
+    for spec in specs:
+        assert_exactly_once(spec, url)
+        again = sweep.run_sweep(spec, storage=url, workers=2, progress=False)
+        assert again["done"] == 8 and again["ran_now"] == 0
+    assert stable(sweep.trials("bg0", storage=url)) == stable(sweep.trials("bg2", storage=url))
+    assert sweep.start_sweeps(specs, storage=url, workers=2) is None  # nothing left to run
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_background_workers_died_is_finished_by_run_sweep(url, diabetes_dir):
+    spec = sweep.spec_from_dict(lecture_file("died"))
+    bg = sweep.start_sweeps([spec], storage=url, workers=2)
+    for p in bg.procs:
+        p.kill()
+    try:
+        assert not bg.wait(spec)  # every worker gone: the caller runs the rest
+    finally:
+        assert bg.stop() == ["0: -9", "1: -9"]
+    counts = sweep.run_sweep(spec, storage=url, progress=False, grace_s=1)
+    assert counts["done"] == 8 and counts["failed"] == 0
+    assert_exactly_once(spec, url)
+
+
 def test_records_keep_summary_history_and_probes(url):
     spec = sweep.spec_from_dict(tiny("rec", grid={"activation": ["relu"]}))
     sweep.run_sweep(spec, storage=url, progress=False)

@@ -13,7 +13,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from widedeep.config import INITS, NORMS, OPTIMIZERS, make_config
 from widedeep.errors import UserError
 from widedeep.run import run_many
 from widedeep.sweep_store import Store
+from widedeep.sweep_worker import launch
 
 SETTINGS_ATTR, BASELINES_ATTR = "widedeep:search", "widedeep:baselines"
 DEFAULT_STORAGE = "sqlite:///results/search.sqlite3"
@@ -188,25 +188,11 @@ class SearchJob:
                 p.wait()
 
 
-# A worker interrupted while it still imports exits quietly too.
-_LAUNCH = f"""import sys
-try:
-    from {__name__} import _worker_main
-except KeyboardInterrupt:
-    sys.exit(130)
-sys.exit(_worker_main(sys.argv[1:]))
-"""
-
-
 def _spawn(name: str, url: str, *, workers: int, **job) -> list[subprocess.Popen]:
-    """``workers`` processes of this module, one torch thread each.
-
-    NOTE: in sessions of their own, so that a Ctrl-C at the terminal reaches only this
-    process, which passes it on once (:meth:`SearchJob.stop`): a second SIGINT would cut
-    short the bookkeeping of the trial in flight."""
-    return [subprocess.Popen([sys.executable, "-c", _LAUNCH, json.dumps(
-        dict(study_name=name, url=url, worker=i, threads=1, **job))], start_new_session=True)
-        for i in range(workers)]
+    """``workers`` processes of this module, in sessions of their own (see
+    :func:`widedeep.sweep_worker.launch`; :meth:`SearchJob.stop` passes a Ctrl-C on once)."""
+    return [launch(dict(study_name=name, url=url, worker=i, **job), module=__name__,
+                   session=True) for i in range(workers)]
 
 
 def train_command(options: dict, settings: dict) -> str:

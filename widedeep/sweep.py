@@ -218,6 +218,25 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, workers: int = 1,
                                         grace_s=grace_s, store=store)
 
 
+
+def start_sweeps(specs: list[SweepSpec], *, storage: str, workers: int,
+                 grace_s: float | None = None):
+    """Prepare ``specs`` and start ``workers`` processes that run those with trials left, in
+    order, in the background; returns their :class:`widedeep.sweep_worker.Background`
+    (``wait`` for a sweep, then ``run_sweep`` runs whatever a failed worker left), or None
+    when every trial is done."""
+    from widedeep import sweep_worker
+
+    if workers < 1:
+        raise UserError(f"workers must be >= 1, got workers={workers}")
+    with Store(storage) as store:
+        for spec in specs:
+            prepare(spec, storage, store)
+        left = [s for s in specs if {"pending", "running"} & set(store.counts(s.name))]
+    if not left:
+        return None
+    return sweep_worker.Background(left, storage, workers=workers, grace_s=grace_s)
+
 # ---------------------------------------------------------------------- reading results
 
 

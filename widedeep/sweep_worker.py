@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -167,28 +168,42 @@ def work(spec, url: str, *, worker: str, group: int, grace_s: float, on_done=Non
          threads: int | None = None, store: Store | None = None) -> None:
     """Claim and run trials until every row of the sweep is finished (in ``store`` when
     given, an open Store of ``url``, else in one opened here)."""
+    work_all([(spec, group)], url, worker=worker, grace_s=grace_s, on_done=on_done,
+             threads=threads, store=store)
+
+
+def work_all(jobs: list[tuple], url: str, *, worker: str, grace_s: float, on_done=None,
+             threads: int | None = None, store: Store | None = None) -> None:
+    """``work`` for several sweeps, given as (spec, group) pairs: first each sweep's
+    claimable trials in turn, moving on as soon as a sweep has none left to claim (trials
+    in flight belong to other workers); then each sweep again until it is finished (taking
+    over the trials of lost workers)."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with Store(url) if store is None else contextlib.nullcontext(store) as store:
-        study = store.study(spec.name)
         beat = _Heartbeat(store, min(HEARTBEAT_S, grace_s / 4))
         beat.start()
         try:
-            _loop(store, study, spec, beat, worker=worker, group=group, grace_s=grace_s,
-                  on_done=on_done)
+            for linger in (False, True) if len(jobs) > 1 else (True,):
+                for spec, group in jobs:
+                    _loop(store, store.study(spec.name), spec, beat, worker=worker,
+                          group=group, grace_s=grace_s, on_done=on_done, linger=linger)
         finally:
             beat.stop()
 
 
-def _loop(store: Store, study, spec, beat: _Heartbeat, *, worker, group, grace_s, on_done):
+def _loop(store: Store, study, spec, beat: _Heartbeat, *, worker, group, grace_s, on_done,
+          linger: bool = True):
     while True:
         store.expire_exhausted(spec.name, grace_s, MAX_ATTEMPTS)
         token, rows = store.claim(spec.name, worker, group=group, grace_s=grace_s,
                                   max_attempts=MAX_ATTEMPTS)
         if token is None:
+            if not linger:
+                return
             counts = store.counts(spec.name)
             if not counts.get("pending") and not counts.get("running"):
                 return
@@ -211,29 +226,38 @@ def _finished(store: Store, name: str, prefix: str | None = None) -> dict[str, i
     return {k: counts.get(k, 0) for k in TERMINAL}
 
 
+def _run_id() -> str:
+    """A prefix of this run's worker names: the trials they finish count as run now."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}/"
+
+
+def _group(spec, workers: int) -> int:
+    """Trials per claim: a grid point's seeds, batched together, when every worker can have a
+    point of its own; else one."""
+    n_points = math.prod(len(v) for v in spec.grid.values())
+    return len(spec.seeds) if n_points >= workers else 1
+
+
 def run_workers(spec, url: str, *, workers: int, progress: bool,
                 grace_s: float | None, store: Store | None = None) -> dict:
     """Run ``workers`` workers (1: in this process) and return the sweep's counts (in
     ``store`` when given, an open Store of ``url``)."""
     grace_s = GRACE_S if grace_s is None else grace_s
-    run_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}/"
-    n_points = math.prod(len(v) for v in spec.grid.values())
-    group = len(spec.seeds) if n_points >= workers else 1
+    run_id = _run_id()
+    group = _group(spec, workers)
     with Store(url) if store is None else contextlib.nullcontext(store) as store:
         total = len(spec.points()) * len(spec.seeds)
-        bar = tqdm(total=total, initial=sum(_finished(store, spec.name).values()),
-                   disable=not progress or not sys.stderr.isatty(), file=sys.stderr,
-                   unit="trial", desc=spec.name)
+        bar = _bar(spec, store, progress)
         left = store.counts(spec.name)
         with bar:
-            kwargs = dict(group=group, grace_s=grace_s)
             if not left.get("pending") and not left.get("running"):
                 pass  # all done: a worker process would take seconds to start for nothing
             elif workers == 1:
-                work(spec, url, worker=run_id + "0", on_done=bar.update, store=store,
-                     **kwargs)
+                work(spec, url, worker=run_id + "0", group=group, grace_s=grace_s,
+                     on_done=bar.update, store=store)
             else:
-                _spawn(spec, url, run_id, workers, bar, store, kwargs)
+                job = dict(specs=[spec.to_dict()], groups=[group], url=url, grace_s=grace_s)
+                _spawn(spec, job, run_id, workers, bar, store)
         done = _finished(store, spec.name)
         mine = _finished(store, spec.name, run_id)
     return {"total": total, "done": done["complete"] + done["diverged"],
@@ -241,12 +265,36 @@ def run_workers(spec, url: str, *, workers: int, progress: bool,
             "ran_now": sum(mine.values())}
 
 
-def _spawn(spec, url, run_id, workers, bar, store, kwargs) -> None:
-    """Start ``workers`` processes of this module (one torch thread each) and wait for them."""
-    procs = []
-    for i in range(workers):
-        job = dict(spec=spec.to_dict(), url=url, worker=f"{run_id}{i}", threads=1, **kwargs)
-        procs.append(subprocess.Popen([sys.executable, "-m", __name__, json.dumps(job)]))
+def _bar(spec, store: Store, progress: bool) -> tqdm:
+    """A progress bar of the sweep's finished trials (shown on a terminal only)."""
+    return tqdm(total=len(spec.points()) * len(spec.seeds),
+                initial=sum(_finished(store, spec.name).values()),
+                disable=not progress or not sys.stderr.isatty(), file=sys.stderr,
+                unit="trial", desc=spec.name)
+
+
+# A worker interrupted while it still imports exits quietly too.
+_LAUNCH = """import sys
+try:
+    from {module} import _worker_main
+except KeyboardInterrupt:
+    sys.exit(130)
+sys.exit(_worker_main(sys.argv[1:]))
+"""
+
+
+def launch(job: dict, *, module: str = __name__, session: bool = False) -> subprocess.Popen:
+    """A process running ``module._worker_main([job as JSON])`` with one torch thread.
+    ``session``: in a session of its own, so that a Ctrl-C at the terminal reaches only the
+    parent, which passes it on once (a second SIGINT would cut short a trial's
+    bookkeeping)."""
+    return subprocess.Popen([sys.executable, "-c", _LAUNCH.format(module=module),
+                             json.dumps(dict(job, threads=1))], start_new_session=session)
+
+
+def _spawn(spec, job: dict, run_id: str, workers: int, bar, store: Store) -> None:
+    """Start ``workers`` processes for ``job`` and wait for them."""
+    procs = [launch(dict(job, worker=f"{run_id}{i}")) for i in range(workers)]
     try:
         for p in procs:  # each returns as soon as it exits
             while True:
@@ -268,17 +316,65 @@ def _spawn(spec, url, run_id, workers, bar, store, kwargs) -> None:
                         f"{', '.join(bad)}; see the messages above")
 
 
+class Background:
+    """Worker processes that run several sweeps, in order, while the caller goes on (the
+    report starts its sections' sweeps so, and each section waits for its own): worker
+    start-up is paid once, and the next sweeps train while a section draws its figures."""
+
+    def __init__(self, specs: list, url: str, *, workers: int, grace_s: float | None = None):
+        """Start ``workers`` processes on ``specs`` (each already prepared in ``url``)."""
+        self.url, self.names, self.run_id = url, {s.name for s in specs}, _run_id()
+        job = dict(specs=[s.to_dict() for s in specs], groups=[_group(s, workers) for s in specs],
+                   url=url, grace_s=GRACE_S if grace_s is None else grace_s)
+        self.store = Store(url)
+        self.procs = [launch(dict(job, worker=f"{self.run_id}{i}"), session=True)
+                      for i in range(workers)]
+
+    def wait(self, spec, *, progress: bool = False) -> bool:
+        """Wait until no trial of ``spec`` is pending or running (True), or until every
+        worker has exited first (False: the caller runs what is left)."""
+        with _bar(spec, self.store, progress) as bar:
+            while True:
+                counts = self.store.counts(spec.name)
+                bar.update(sum(counts.get(k, 0) for k in TERMINAL) - bar.n)
+                if not counts.get("pending") and not counts.get("running"):
+                    return True
+                if all(p.poll() is not None for p in self.procs):
+                    return False
+                time.sleep(POLL_S)
+
+    def ran(self, name: str) -> int:
+        """Trials of sweep ``name`` these workers finished."""
+        return sum(_finished(self.store, name, self.run_id).values())
+
+    def stop(self) -> list[str]:
+        """Interrupt workers still running (each gives back its claim), reap them and close
+        the storage; "worker: status" of each that exited with an error before."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        bad = [f"{i}: {p.returncode}" for i, p in enumerate(self.procs)
+               if p.returncode not in (None, 0)]
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.store.close()
+        return bad
+
+
 def _worker_main(argv: list[str]) -> int:
-    """Entry point of a worker process: ``python -m widedeep.sweep_worker JOB_JSON``."""
+    """Entry point of a worker process: ``_worker_main([JOB_JSON])``, the job naming its
+    sweeps (saved specs) and their claim groups, the storage URL and the worker."""
     from widedeep.sweep import SweepSpec
 
     job = json.loads(argv[0])
+    jobs = [(SweepSpec.from_saved(spec), group)
+            for spec, group in zip(job.pop("specs"), job.pop("groups"), strict=True)]
     try:
-        work(SweepSpec.from_saved(job.pop("spec")), job.pop("url"), **job)
+        work_all(jobs, job.pop("url"), **job)
     except KeyboardInterrupt:  # the parent reports the interruption
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
