@@ -197,3 +197,59 @@ def test_a_stack_given_several_threads_keeps_the_torch_step():
     with num_threads(2):
         trainer = _trainer(2, 2, activation="relu")
     assert isinstance(trainer.manual, ManualStep)
+
+
+OPTIMIZER_CASES = [
+    ("sgd", dict(momentum=0.0)), ("sgd", dict(momentum=0.9, weight_decay=0.01)),
+    ("adam", {}), ("adam", dict(weight_decay=0.01)), ("adamw", dict(weight_decay=0.05)),
+]
+
+
+def _torch_optimizer(kind: str, param, lr: float, options: dict):
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    return cls([param], lr=lr, **options)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind, options", OPTIMIZER_CASES)
+def test_the_compiled_optimizer_step_follows_torch_optim(kind, options):
+    """Three models with their own learning rates, 200 steps of random gradients: the
+    compiled update and the torch-op update both stay with torch.optim, model by model."""
+    from widedeep.batched import StackedOptimizer
+
+    lrs, P = (0.1, 0.01, 0.003), 777
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(len(lrs), P, generator=g)
+    configs = [make_config(optimizer=kind, lr=lr, **options) for lr in lrs]
+    params = [nn.Parameter(start[k].clone()) for k in range(len(lrs))]
+    refs = [_torch_optimizer(kind, p, lr, options) for p, lr in zip(params, lrs, strict=True)]
+    compiled, by_ops = start.clone(), start.clone()
+    opt_c, opt_t = StackedOptimizer(configs, compiled), StackedOptimizer(configs, by_ops)
+    opt_t._compiled = False  # torch ops, as on CUDA
+    for _ in range(200):
+        grad = torch.randn(len(lrs), P, generator=g)
+        for p, ref, row in zip(params, refs, grad, strict=True):
+            p.grad = row.clone()
+            ref.step()
+        opt_c.step(compiled, grad)
+        opt_t.step(by_ops, grad)
+    assert isinstance(opt_c._compiled, fused.OptimizerStep)
+    expected = torch.stack([p.detach() for p in params])
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(by_ops, expected, rtol=1e-5, atol=2e-5)
+    assert not torch.equal(compiled, start)
+
+
+@needs_kernel
+def test_the_compiled_optimizer_step_declines_what_it_cannot_take():
+    flat, column = torch.zeros(2, 8), torch.full((2, 1), 0.1)
+    create = fused.OptimizerStep.create
+    assert create("sgd", flat, flat.clone(), None, column, column, column) is not None
+    assert create("adam", flat.double(), flat.double(), flat.double(), column, column,
+                  column) is None
+    assert create("sgd", torch.zeros(8, 2).t(), flat.clone(), None, column, column,
+                  column) is None
+    step = create("sgd", flat, flat.clone(), None, column, column, column)
+    with pytest.raises(ValueError, match="bound to other parameters"):
+        step(flat.clone(), torch.ones(2, 8), 1)
+    assert torch.equal(flat, torch.zeros(2, 8))  # left untouched

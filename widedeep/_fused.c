@@ -15,6 +15,7 @@
  * not vectorised without -ffast-math, which would also let the compiler drop the NaN
  * handling that divergence detection relies on: NaN in, NaN out, as in torch.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -691,4 +692,52 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
 #endif
     free(buf);
     return 0;
+}
+
+/* One optimizer step of K models, in place on their flat (K, P) parameters, as torch.optim's
+ * single-tensor SGD (momentum m, no dampening, no Nesterov; buf starts at zero, so that
+ * buf = g at step 1 as in torch), Adam and AdamW (betas 0.9 / 0.999, eps 1e-8; moments in
+ * buf and sq), weight decay wd, all per model (lr, momentum, wd: K each); t is the step
+ * number, from 1. One pass over each array, instead of ~15 torch operations that each
+ * stream (K, P) floats through memory and allocate some of them. */
+enum { OPT_SGD, OPT_ADAM, OPT_ADAMW };
+
+void widedeep_opt_step(int kind, int K, long P, float *flat, const float *grad, float *buf,
+                       float *sq, const float *lr, const float *momentum, const float *wd,
+                       double t) {
+#if defined(__SSE__)
+    unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040); /* FTZ | DAZ: moments of a dead unit decay to denormals */
+#endif
+    /* as torch: bias corrections in double, then used as float scalars */
+    double bc1 = 1.0 - pow(0.9, t), bc2_sqrt = sqrt(1.0 - pow(0.999, t));
+    for (int k = 0; k < K; k++) {
+        float *p = flat + (long)k * P, *m = buf + (long)k * P;
+        const float *g = grad + (long)k * P;
+        float decay = wd[k];
+        if (kind == OPT_SGD) {
+            float mu = momentum[k], step = lr[k];
+            for (long i = 0; i < P; i++) {
+                float gi = decay != 0.0f ? g[i] + decay * p[i] : g[i];
+                m[i] = m[i] * mu + gi;
+                p[i] -= step * m[i];
+            }
+            continue;
+        }
+        float *v = sq + (long)k * P;
+        float step = (float)(lr[k] / bc1), scale = (float)bc2_sqrt;
+        /* as torch: 1 - lr * wd in double, used as a float */
+        float shrink = kind == OPT_ADAMW ? (float)(1.0 - (double)lr[k] * decay) : 1.0f;
+        if (kind == OPT_ADAMW) decay = 0.0f; /* decoupled: the parameter shrinks instead */
+        for (long i = 0; i < P; i++) {
+            float pi = p[i] * shrink, gi = decay != 0.0f ? g[i] + decay * pi : g[i];
+            float mi = m[i] + 0.1f * (gi - m[i]); /* lerp(m, g, 1 - beta1) */
+            float vi = v[i] * 0.999f + 0.001f * gi * gi;
+            m[i] = mi, v[i] = vi;
+            p[i] = pi - step * mi / (sqrtf(vi) / scale + 1e-8f);
+        }
+    }
+#if defined(__SSE__)
+    _mm_setcsr(csr);
+#endif
 }

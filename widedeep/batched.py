@@ -307,8 +307,9 @@ class StackedOptimizer:
     """SGD (+momentum), Adam or AdamW on flat (K, P) params with per-model hyperparameters.
 
     Follows torch.optim's single-tensor update rules (betas 0.9/0.999, eps 1e-8, no
-    dampening, no Nesterov). The step count is a tensor so that the step can be captured in
-    a CUDA graph.
+    dampening, no Nesterov). On the CPU the update is one compiled pass where the library
+    builds (:class:`widedeep.fused.OptimizerStep`); else torch ops, whose step count is a
+    tensor so that the step can be captured in a CUDA graph.
     """
 
     def __init__(self, configs: list[TrainConfig], flat: torch.Tensor):
@@ -320,7 +321,9 @@ class StackedOptimizer:
         self.use_wd = any(c.weight_decay for c in configs)
         self.buf = torch.zeros_like(flat)  # momentum / Adam first moment
         self.sq = torch.zeros_like(flat) if self.kind != "sgd" else None
-        self.t = torch.zeros((), device=device)  # steps taken
+        self.t = torch.zeros((), device=device)  # steps taken (the torch ops' count)
+        self.steps = 0  # steps taken
+        self._compiled = None  # OptimizerStep, False where torch ops update; None: not yet
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep the state of the models at rows ``idx`` only."""
@@ -328,10 +331,20 @@ class StackedOptimizer:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[idx])
+        self._compiled = None  # bound to the old tensors
 
     @torch.no_grad()
     def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
         """Update ``flat`` in place from ``grad`` (both (K, P))."""
+        self.steps += 1
+        if self._compiled is None:  # NOTE: CUDA keeps torch ops: a graph can capture them
+            from widedeep import fused
+
+            self._compiled = not flat.is_cuda and fused.OptimizerStep.create(
+                self.kind, flat, self.buf, self.sq, self.lr, self.momentum, self.wd) or False
+        if self._compiled:
+            self._compiled(flat, grad, self.steps)
+            return
         self.t += 1
         if self.kind == "sgd":
             if self.use_wd:

@@ -129,7 +129,7 @@ def _build() -> Path:
             return target
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
-        out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True,
+        out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
                              text=True)
         if out.returncode == 0:
             os.replace(tmp, target)  # atomic: parallel workers may build it at once
@@ -149,7 +149,50 @@ def _load(path: Path) -> ctypes.CDLL:
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
                   ptr, ptr]  # loss grad
     f.restype = c_int
+    f = lib.widedeep_opt_step
+    f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
+                  ptr, ptr, ptr, ctypes.c_double]  # lr momentum wd t
+    f.restype = None
     return lib
+
+
+class OptimizerStep:
+    """:class:`widedeep.batched.StackedOptimizer`'s update in one compiled pass, bound to
+    its state: in place on the (K, P) parameters ``flat`` and moments ``buf`` and ``sq``,
+    with per-model (K, 1) ``lr``, ``momentum`` and ``wd``. Bound once: a step passes only
+    the gradient and the step number (a call costs ~5 us; torch's ~15 ops cost ~100)."""
+
+    CODES = {"sgd": 0, "adam": 1, "adamw": 2}  # _fused.c's OPT_*
+
+    def __init__(self, fn, kind: str, state: tuple[torch.Tensor, ...]):
+        self.fn, self.state = fn, state  # kept: the call reads them through raw pointers
+        flat, buf, sq, lr, momentum, wd = state
+        self.shape = flat.shape
+        self.head = (self.CODES[kind], *flat.shape, flat.data_ptr())
+        self.tail = (buf.data_ptr(), sq.data_ptr() if sq is not None else None,
+                     lr.data_ptr(), momentum.data_ptr(), wd.data_ptr())
+
+    @classmethod
+    def create(cls, kind: str, flat: torch.Tensor, buf: torch.Tensor,
+               sq: torch.Tensor | None, lr: torch.Tensor, momentum: torch.Tensor,
+               wd: torch.Tensor) -> OptimizerStep | None:
+        """The bound step, or None where the library is lacking or a tensor is not
+        float32, contiguous and on the CPU."""
+        state = (flat, buf, sq, lr, momentum, wd)
+        lib = library()
+        if lib is None or any(x is not None and (x.device.type != "cpu"
+                                                 or x.dtype != torch.float32
+                                                 or not x.is_contiguous()) for x in state):
+            return None
+        return cls(lib.widedeep_opt_step, kind, state)
+
+    def __call__(self, flat: torch.Tensor, grad: torch.Tensor, t: int) -> None:
+        """Step ``t`` (from 1) from ``grad`` (K, P); ``flat`` must be the bound one."""
+        if flat.data_ptr() != self.head[3] or grad.shape != self.shape:
+            raise ValueError("the optimizer step is bound to other parameters")
+        if grad.dtype != torch.float32 or not grad.is_contiguous():
+            grad = grad.to(torch.float32).contiguous()
+        self.fn(*self.head, grad.data_ptr(), *self.tail, float(t))
 
 
 def _layers(layout: Layout) -> list[str]:
