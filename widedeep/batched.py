@@ -249,19 +249,20 @@ def linear(W: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def _layer_norm(z: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the width of z (K, width, n) with affine g, beta (K, width, 1)."""
-    mean = z.mean(1, keepdim=True)
-    var = z.var(1, unbiased=False, keepdim=True)
-    return (z - mean) * torch.rsqrt(var + 1e-5) * g + beta
+    width = z.shape[1]
+    normed = F.layer_norm(z.transpose(1, 2), (width,), eps=1e-5).transpose(1, 2)
+    return torch.addcmul(beta, normed, g)
 
 
-def forward(layout: Layout, flat: torch.Tensor, X: torch.Tensor, act: StackedActivation,
-            trace: list | None = None) -> torch.Tensor:
+def forward(layout: Layout, flat: torch.Tensor | dict[str, torch.Tensor], X: torch.Tensor,
+            act: StackedActivation, trace: list | None = None) -> torch.Tensor:
     """Logits (K, n_out, n) of all K models on X: (d, n) shared or (K, d, n) per model.
 
-    With ``trace``, appends (pre-activation, activation, prelu's slope or None) of each
-    hidden layer.
+    ``flat``: the (K, P) parameters, or their (K, *shape) tensors by name, as
+    ``layout.views`` gives them. With ``trace``, appends (pre-activation, activation,
+    prelu's slope or None) of each hidden layer.
     """
-    p, h = layout.views(flat), X
+    p, h = flat if isinstance(flat, dict) else layout.views(flat), X
     for i in range(layout.depth):
         z = linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
         if layout.norm == "layer":
