@@ -89,6 +89,7 @@ class Store:
 
     def __init__(self, url: str, **optuna_kwargs):
         self.url = url
+        self._study_ids: dict[str, int] = {}
         url = check_url(url)
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") \
             else {"pool_pre_ping": True}
@@ -134,9 +135,15 @@ class Store:
         except KeyError:
             raise UserError(f"no study named {name!r} in {self.url}") from None
 
+    def study_id(self, name: str) -> int:
+        """The storage's id of study ``name`` (asked once: it never changes)."""
+        if name not in self._study_ids:
+            self._study_ids[name] = self.optuna.get_study_id_from_name(name)
+        return self._study_ids[name]
+
     def trial_id(self, study: optuna.Study, number: int) -> int:
-        study_id = self.optuna.get_study_id_from_name(study.study_name)
-        return self.optuna.get_trial_id_from_study_id_trial_number(study_id, number)
+        return self.optuna.get_trial_id_from_study_id_trial_number(
+            self.study_id(study.study_name), number)
 
     # ------------------------------------------------------------------ the claim table
 

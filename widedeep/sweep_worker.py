@@ -75,8 +75,8 @@ def _start_trial(store: Store, study, spec, row: dict) -> int:
     template = create_trial(state=TrialState.RUNNING, params=params, distributions=dists,
                             system_attrs={KEY_ATTR: row["key"]},
                             user_attrs={"attempt": row["attempts"], "worker": row["worker"]})
-    study_id = store.optuna.get_study_id_from_name(study.study_name)
-    trial_id = store.optuna.create_new_trial(study_id, template_trial=template)
+    trial_id = store.optuna.create_new_trial(store.study_id(study.study_name),
+                                             template_trial=template)
     number = store.optuna.get_trial_number_from_id(trial_id)
     store.update(study.study_name, row["key"], row["token"], trial_number=number)
     return trial_id
