@@ -3,6 +3,8 @@
 import gzip
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +274,54 @@ def test_cv_covers_every_row_once_stratified():
     other = data.make_folds(Y, "cv:5", seed=3)
     assert all(np.array_equal(a.test, b.test) for a, b in zip(folds, same, strict=True))
     assert not all(np.array_equal(a.test, b.test) for a, b in zip(folds, other, strict=True))
+
+
+def _label_sets() -> list[np.ndarray]:
+    """Balanced, skewed, many-class, string-free label vectors, classes in mixed order."""
+    rng = np.random.default_rng(7)
+    out = [Y, rng.permutation(Y), np.array([1] * 5 + [0] * 40)]
+    for n, n_classes in [(11, 2), (37, 3), (120, 2), (301, 5), (759, 2)]:
+        counts = rng.multinomial(n - 3 * n_classes, rng.dirichlet(np.ones(n_classes))) + 3
+        out.append(rng.permutation(np.repeat(rng.permutation(n_classes) * 3 + 1, counts)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5, 42])
+def test_folds_equal_scikit_learns(seed):
+    """The same rows as train_test_split(stratify=y) and StratifiedKFold(shuffle=True) with
+    the same seed: results of earlier runs and the baselines' folds stay as they were."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    for y in _label_sets():
+        everything = np.arange(len(y))
+        for test_size in (0.2, 0.25, 1 / 3, 0.5):
+            if np.ceil(test_size * len(y)) < len(np.unique(y)):
+                continue  # fewer test rows than classes: both refuse
+            train, test = train_test_split(everything, test_size=test_size, stratify=y,
+                                           random_state=seed)
+            (fold,) = data.make_folds(y, "holdout", test_size=test_size, seed=seed)
+            np.testing.assert_array_equal(fold.train, np.sort(train))
+            np.testing.assert_array_equal(fold.test, np.sort(test))
+        for k in [k for k in (2, 3, 5) if np.unique(y, return_counts=True)[1].min() >= k]:
+            splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+            folds = data.make_folds(y, f"cv:{k}", seed=seed)
+            for fold, (train, test) in zip(folds, splitter.split(everything, y), strict=True):
+                np.testing.assert_array_equal(fold.train, train)
+                np.testing.assert_array_equal(fold.test, test)
+
+
+def test_a_run_on_the_lecture_file_imports_no_scikit_learn():
+    """Folds are made here: a holdout run on diabetes starts a second faster."""
+    folder = os.environ.get("WIDEDEEP_DATA")
+    if not folder or not (Path(folder) / "diabetes.csv.gz").exists():
+        pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
+    code = ("import sys; from widedeep.cli import main; "
+            "main(['train', '--epochs', '1', '--split', 'holdout', '--json']); "
+            "print('sklearn' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "False"
 
 
 @pytest.mark.parametrize("y, split, kwargs, words", [

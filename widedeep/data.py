@@ -284,7 +284,12 @@ def parse_split(split: str) -> tuple[str, int]:
 
 def make_folds(y: np.ndarray, split: str, *, test_size: float = 0.2,
                seed: int = 0) -> list[Fold]:
-    """Stratified, seeded folds of the rows labelled ``y`` (n,)."""
+    """Stratified, seeded folds of the rows labelled ``y`` (n,).
+
+    The same folds as scikit-learn's ``train_test_split(..., stratify=y, random_state=seed)``
+    (holdout) and ``StratifiedKFold(k, shuffle=True, random_state=seed)`` (cv:K), computed
+    here: they stay the same whatever scikit-learn is installed, and a run on the lecture
+    file never imports it (about a second per process)."""
     kind, k = parse_split(split)
     y = np.asarray(y)
     everything = np.arange(len(y), dtype=np.int64)
@@ -293,15 +298,65 @@ def make_folds(y: np.ndarray, split: str, *, test_size: float = 0.2,
     if not 0.0 < test_size < 1.0:
         raise UserError(f"test_size must be in (0, 1), got {test_size!r}")
     _check_class_counts(y, kind, k, test_size)
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
     if kind == "holdout":
-        train, test = train_test_split(everything, test_size=test_size, stratify=y,
-                                       random_state=seed)
+        train, test = _stratified_holdout(y, test_size, seed)
         return [Fold(train=np.sort(train), test=np.sort(test))]
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [Fold(train=tr.astype(np.int64), test=te.astype(np.int64))
-            for tr, te in splitter.split(everything, y)]
+    fold_of = _stratified_fold_of(y, k, seed)
+    return [Fold(train=np.flatnonzero(fold_of != i), test=np.flatnonzero(fold_of == i))
+            for i in range(k)]
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Rows to draw from each class (summing to ``draws``): the floor of each class's share,
+    then one more for the largest remainders, ties broken at random."""
+    share = counts / counts.sum() * draws
+    out = np.floor(share)
+    missing = int(draws - out.sum())
+    remainder = share - out
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if missing <= 0:
+            break
+        (tied,) = np.where(remainder == value)
+        chosen = rng.choice(tied, size=min(len(tied), missing), replace=False)
+        out[chosen] += 1
+        missing -= len(chosen)
+    return out.astype(int)
+
+
+def _stratified_holdout(y: np.ndarray, test_size: float,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices, unsorted: ceil(test_size n) test rows, each class split in
+    proportion (as scikit-learn's StratifiedShuffleSplit draws its first split)."""
+    n_test = math.ceil(test_size * len(y))
+    _, classes, counts = np.unique(y, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(classes, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_train = _approximate_mode(counts, len(y) - n_test, rng)
+    n_held = _approximate_mode(counts - n_train, n_test, rng)
+    train, test = [], []
+    for rows, a, b in zip(by_class, n_train, n_held, strict=True):
+        rows = rows[rng.permutation(len(rows))]
+        train.append(rows[:a])
+        test.append(rows[a:a + b])
+    return np.concatenate(train), np.concatenate(test)
+
+
+def _stratified_fold_of(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The fold (0..k-1) whose test part holds each row: each class's rows dealt to the folds
+    as evenly as the class sizes allow, shuffled (as scikit-learn's StratifiedKFold with
+    shuffle=True)."""
+    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
+    _, rank = np.unique(first, return_inverse=True)
+    label = rank[inverse]  # classes numbered in order of first appearance
+    ordered = np.sort(label)
+    per_fold = np.array([np.bincount(ordered[i::k], minlength=len(first)) for i in range(k)])
+    rng = np.random.RandomState(seed)
+    fold_of = np.empty(len(y), dtype=np.int64)
+    for c in range(len(first)):
+        folds = np.arange(k).repeat(per_fold[:, c])
+        rng.shuffle(folds)
+        fold_of[label == c] = folds
+    return fold_of
 
 
 def _check_class_counts(y: np.ndarray, kind: str, k: int, test_size: float) -> None:
