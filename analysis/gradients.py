@@ -9,7 +9,6 @@ geometrically, since they span decades.
 from __future__ import annotations
 
 import pandas as pd
-import seaborn as sns
 
 from analysis import grid, inits, plots
 from analysis.context import Context
@@ -73,18 +72,14 @@ def _ratio_figure(ctx: Context, ratios: pd.DataFrame) -> str:
     long["when"] = long["when"].map({"ratio_at_init": "at init",
                                      "ratio_after_training": "after training"})
     long = long[long["ratio"] > 0].astype({"width": str})  # width as a category, not a scale
-    n = long["activation"].nunique()
-    g = sns.relplot(data=long, x="depth", y="ratio", hue="width", style="when", col="activation",
-                    col_wrap=min(5, n), kind="line", marker="o", height=2.2, aspect=1.2,
-                    palette="deep", errorbar=None)
-    g.set(yscale="log")
-    for ax in g.axes.flat:
+    fig, axes = plots.facet_lines(long, x="depth", y="ratio", col="activation", hue="width",
+                                  style="when", col_wrap=5, height=2.2,
+                                  xlabel="depth (log scale)", ylabel="first / last grad norm")
+    for ax in axes:
+        ax.set_yscale("log")
         plots.log2_depth_axis(ax, long["depth"].unique())
-    g.set_axis_labels("depth (log scale)", "first / last grad norm")
-    g.set_titles("{col_name}")
-    for ax in g.axes.flat:
         ax.axhline(1.0, color="grey", linewidth=0.8)
-    return ctx.figure("grad_ratio_vs_depth", g.figure,
+    return ctx.figure("grad_ratio_vs_depth", fig,
                       "First-layer / last-layer gradient norm vs depth (log y), diabetes")
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pandas as pd
-import seaborn as sns
 
-from analysis import grid
+from analysis import grid, plots
 from analysis.context import Context, make_spec
 from analysis.profiles import Profile
 from analysis.tables import geomean, mean_pm_std
@@ -49,13 +48,12 @@ def _figure(ctx: Context, rows: pd.DataFrame) -> str:
     agg = rows.groupby(["activation", "init", "layer"], sort=False)["grad_norm"]
     data = agg.agg(geomean).reset_index()
     data = data[data["grad_norm"] > 0]
-    g = sns.relplot(data=data, x="layer", y="grad_norm", hue="init", col="activation",
-                    col_wrap=min(4, data["activation"].nunique()), kind="line", marker="o",
-                    height=2.6, aspect=1.2, errorbar=None)
-    g.set(yscale="log")
-    g.set_axis_labels("layer (1 = input)", "‖∂loss/∂W‖ at init (log)")
-    g.set_titles("{col_name}")
-    return ctx.figure("init_grad_layers", g.figure,
+    fig, axes = plots.facet_lines(data, x="layer", y="grad_norm", col="activation", hue="init",
+                                  col_wrap=4, height=2.6, xlabel="layer (1 = input)",
+                                  ylabel="‖∂loss/∂W‖ at init (log)")
+    for ax in axes:
+        ax.set_yscale("log")
+    return ctx.figure("init_grad_layers", fig,
                       f"Per-layer gradient norm at init by initialisation, depth "
                       f"{p.grad_depth}, width {p.init_width}")
 

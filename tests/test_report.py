@@ -258,3 +258,30 @@ def test_the_report_says_when_it_waits_for_the_search(tmp_path, monkeypatch, cap
     assert "up to 3 trials, in the background" in out
     assert "waiting for the search: 0 of 3 trials done" in out
     assert "## 5." in (tmp_path / "results" / "README.md").read_text()
+
+
+def test_facet_lines_draws_a_panel_per_value_and_one_legend():
+    """Five panels in rows of two: a line per hue x style in each, outer labels only."""
+    from analysis import plots
+
+    rows = [{"act": a, "depth": d, "width": w, "when": when, "ratio": (i + 1) * d * w}
+            for i, a in enumerate("abcde") for d in (1, 2, 4) for w in (6, 64)
+            for when in ("init", "trained")]
+    fig, axes = plots.facet_lines(pd.DataFrame(rows), x="depth", y="ratio", col="act",
+                                  hue="width", style="when", col_wrap=2, xlabel="depth",
+                                  ylabel="ratio")
+    try:
+        assert [ax.get_title() for ax in axes] == list("abcde")
+        assert len(fig.axes) == 5  # the sixth slot of the 3 x 2 grid is gone
+        assert all(len(ax.get_lines()) == 4 for ax in axes)  # 2 widths x 2 whens
+        e = axes[4].get_lines()[0]
+        assert list(e.get_xdata()) == [1, 2, 4] and list(e.get_ydata()) == [5 * 6, 10 * 6, 20 * 6]
+        (legend,) = fig.legends
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "width = 6", "width = 64", "when = init", "when = trained"]
+        assert [ax.get_ylabel() for ax in axes] == ["ratio", "", "ratio", "", "ratio"]
+        assert [ax.get_xlabel() for ax in axes] == ["", "", "", "depth", "depth"]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
