@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 DPI = 110
@@ -44,25 +44,56 @@ def save(fig, path: Path, title: str | None = None) -> Path:
 
 def heatmap(ax, table: pd.DataFrame, *, cbar_label: str, log: bool = False,
             annot: bool = True, fmt: str = ".2f", cmap: str = "viridis",
-            cap: float | None = None, **kwargs):
-    """Draw ``table`` (rows x columns) as a heatmap; ``log`` uses a log colour scale.
+            cap: float | None = None, vmin: float | None = None, vmax: float | None = None):
+    """Draw ``table`` (rows x columns, first row on top) as a heatmap with a colour bar;
+    ``log`` uses a log colour scale.
 
     NaN cells (diverged runs, missing layers) stay blank. With a log scale, non-positive
     values are masked too: a log colour scale cannot show them. ``cap`` tops the colour
     scale, so one near-diverged cell does not wash out the rest (its annotation stays exact).
+
+    NOTE: drawn with matplotlib as seaborn's heatmap draws it, less the whole-figure draw
+    seaborn makes in every call to see whether tick labels overlap (about 0.5 s each, ~20
+    heatmaps in a report); long column labels are turned upright instead.
     """
-    values = table.astype(float) if log or fmt != "d" else table  # "d" needs integers
-    norm = None
+    values = table.astype(float)
     if log:
-        positive = values.where(values > 0)
-        if positive.notna().any().any():
-            top = float(np.nanmax(positive.values))
-            norm = LogNorm(vmin=float(np.nanmin(positive.values)),
-                           vmax=min(top, cap) if cap else top)
-        values = positive
-    annot_ok = annot and values.size <= 400  # bigger grids turn into unreadable text
-    sns.heatmap(values, ax=ax, norm=norm, annot=annot_ok, fmt=fmt, cmap=cmap,
-                cbar_kws={"label": cbar_label}, annot_kws={"fontsize": 7}, **kwargs)
+        values = values.where(values > 0)
+    grid = np.ma.masked_invalid(values.to_numpy(dtype=float))
+    low = vmin if vmin is not None else (float(grid.min()) if grid.count() else 0.0)
+    high = vmax if vmax is not None else (float(grid.max()) if grid.count() else 1.0)
+    if cap is not None:
+        high = min(high, cap)
+    norm = LogNorm(vmin=low, vmax=high) if log and grid.count() else Normalize(low, high)
+    colours = plt.get_cmap(cmap).copy()
+    colours.set_bad((0, 0, 0, 0))  # blank
+    mesh = ax.pcolormesh(grid, cmap=colours, norm=norm)
+    n_rows, n_cols = grid.shape
+    ax.set_xlim(0, n_cols)
+    ax.set_ylim(n_rows, 0)
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    columns = [str(c) for c in table.columns]
+    cell = ax.figure.get_figwidth() * ax.get_position().width / max(n_cols, 1)  # inches
+    upright = max(map(len, columns), default=0) * 0.09 > cell  # ~0.09 in per character
+    ax.set_xticks(np.arange(n_cols) + 0.5, labels=columns, rotation=90 if upright else 0)
+    ax.set_yticks(np.arange(n_rows) + 0.5, labels=[str(r) for r in table.index])
+    ax.tick_params(length=0)
+    ax.set_xlabel(table.columns.name or "")
+    ax.set_ylabel(table.index.name or "")
+    bar = ax.figure.colorbar(mesh, ax=ax)
+    bar.set_label(cbar_label)
+    bar.outline.set_visible(False)
+    if annot and table.size <= 400:  # bigger grids turn into unreadable text
+        rgb = mesh.to_rgba(grid)[..., :3]  # text dark on light cells, as seaborn's
+        rgb = np.where(rgb <= 0.03928, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+        light = rgb @ np.array([0.2126, 0.7152, 0.0722]) > 0.408
+        blank = np.ma.getmaskarray(grid)
+        for (i, j), value in np.ndenumerate(table.to_numpy()):
+            if not blank[i, j]:
+                ax.text(j + 0.5, i + 0.5, format(value, fmt), ha="center", va="center",
+                        fontsize=7, color=".15" if light[i, j] else "w")
     return ax
 
 
