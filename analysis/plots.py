@@ -65,8 +65,7 @@ def heatmap(ax, table: pd.DataFrame, *, cbar_label: str, log: bool = False,
     if cap is not None:
         high = min(high, cap)
     norm = LogNorm(vmin=low, vmax=high) if log and grid.count() else Normalize(low, high)
-    colours = plt.get_cmap(cmap).copy()
-    colours.set_bad((0, 0, 0, 0))  # blank
+    colours = plt.get_cmap(cmap).with_extremes(bad=(0, 0, 0, 0))  # NaN: blank
     mesh = ax.pcolormesh(grid, cmap=colours, norm=norm)
     n_rows, n_cols = grid.shape
     ax.set_xlim(0, n_cols)
