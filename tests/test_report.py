@@ -228,17 +228,20 @@ def test_a_failing_section_stops_the_background_search(tmp_path, monkeypatch, ca
 
     if not os.environ.get("WIDEDEEP_DATA"):
         pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
-    stopped, real_stop = [], SearchJob.stop
+    stopped = []
 
-    def spy(job):
-        real_stop(job)
-        stopped.append([p.returncode for p in job.procs])
+    def spy(real):
+        def stop(job):
+            out = real(job)
+            stopped.append([p.returncode for p in job.procs])
+            return out
+        return stop
 
     def boom(ctx):
         raise RuntimeError("section 2 failed")
 
-    monkeypatch.setattr(SearchJob, "stop", spy)
-    monkeypatch.setattr(Background, "stop", spy)
+    monkeypatch.setattr(SearchJob, "stop", spy(SearchJob.stop))
+    monkeypatch.setattr(Background, "stop", spy(Background.stop))
     monkeypatch.setattr(grid, "render", boom)
     with pytest.raises(RuntimeError, match="section 2 failed"):
         report.build(profile="tiny", out=tmp_path / "results", progress=False, workers=2)
