@@ -288,3 +288,58 @@ def test_facet_lines_draws_a_panel_per_value_and_one_legend():
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """Pids of the processes whose command line names ``path``."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(path).encode() in cmdline.read_bytes():
+                out.append(cmdline.parent.name)
+        except OSError:  # it ended meanwhile
+            pass
+    return out
+
+
+def test_sigterm_stops_the_report_and_its_background_workers(tmp_path):
+    """kill (SIGTERM) as Ctrl-C: one line, status 130, no worker left training, every claim
+    given back, so that the next run resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from analysis import grid as grid_section
+    from analysis.profiles import get_profile
+    from widedeep.errors import UserError
+    from widedeep.sweep_store import Store
+
+    if not os.environ.get("WIDEDEEP_DATA"):
+        pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
+    storage = f"sqlite:///{tmp_path / 'records.sqlite3'}"
+    name = grid_section.specs(get_profile("tiny"))["grid"].name
+    proc = subprocess.Popen([sys.executable, "-m", "widedeep", "report", "--profile", "tiny",
+                             "--out", str(tmp_path / "results"), "--storage", storage,
+                             "--workers", "2", "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline, store = time.monotonic() + 120, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:  # opened once it exists: opening takes ~0.5 s
+                store = store or Store(storage)
+                if store.counts(name).get("running"):  # the background workers train
+                    break
+            except UserError:  # no tables yet
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        if store is not None:
+            store.close()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted"
+    assert "Traceback" not in err
+    assert _processes_naming(tmp_path) == []  # no worker outlived the report
+    with Store(storage) as store:
+        assert not store.counts(name).get("running")  # claims given back

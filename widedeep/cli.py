@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 
 from widedeep.errors import UserError
 
@@ -178,7 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # as Ctrl-C: worker processes are stopped, their claims given back
+
+
 def main(argv: list[str] | None = None) -> int:
+    # NOTE: SIGTERM (kill, a scheduler's time limit) stops a command as Ctrl-C does; by
+    # default it would end this process alone and leave its background workers training.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -188,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
