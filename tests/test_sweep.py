@@ -289,6 +289,29 @@ def _wait_for(url: str, name: str, proc, done: int, running: int, timeout: float
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_sweep_and_its_workers(tmp_path, url, diabetes_dir):
+    """kill (SIGTERM) on `widedeep sweep --workers 2`: its workers, in sessions of their own,
+    are told to stop; they give their claims back, and a second run finishes the sweep."""
+    d = lecture_file("term", epochs=300, grid={"activation": ["relu", "tanh"]})
+    d["fixed"].update(depth=8, width=64)
+    spec = sweep.spec_from_dict(d)
+    proc = _cli(write_toml(tmp_path / "t.toml", d), url, "--workers", "2")
+    try:
+        _wait_for(url, "term", proc, done=0, running=2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and out.strip().splitlines()[-1] == "error: interrupted"
+    with Store(url) as store:
+        counts = store.counts("term")
+    assert not counts.get("running") and counts.get("pending")  # given back, not lost
+    again = sweep.run_sweep(spec, storage=url, progress=False)
+    assert again["done"] == 4 and again["failed"] == 0
+    assert_exactly_once(spec, url)
+
+
+@pytest.mark.slow
 def test_killed_worker_loses_nothing_and_duplicates_nothing(tmp_path, url, diabetes_dir):
     d = lecture_file("killed", epochs=100, grid={"activation": ["relu", "tanh"]})
     d["fixed"].update(depth=6, width=64)

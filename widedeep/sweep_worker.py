@@ -294,7 +294,7 @@ def launch(job: dict, *, module: str = __name__, session: bool = False) -> subpr
 
 def _spawn(spec, job: dict, run_id: str, workers: int, bar, store: Store) -> None:
     """Start ``workers`` processes for ``job`` and wait for them."""
-    procs = [launch(dict(job, worker=f"{run_id}{i}")) for i in range(workers)]
+    procs = [launch(dict(job, worker=f"{run_id}{i}"), session=True) for i in range(workers)]
     try:
         for p in procs:  # each returns as soon as it exits
             while True:
@@ -303,6 +303,11 @@ def _spawn(spec, job: dict, run_id: str, workers: int, bar, store: Store) -> Non
                     break
                 except subprocess.TimeoutExpired:
                     bar.update(sum(_finished(store, spec.name).values()) - bar.n)
+    except BaseException:  # Ctrl-C or SIGTERM reached this process alone: pass it on, once
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        raise
     finally:
         for p in procs:
             try:
