@@ -521,36 +521,36 @@ static float total(const vf *a, int nc) {
 }
 
 #if defined(__AVX512F__)
+/* x and y folded in half block by block: for blocks of 2w lanes, the first half of each
+ * block of the result is x's block's two halves added, the second half y's. */
+ALWAYS_INLINE vf fold(vf x, vf y, int w) {
+#define HALVES(...) __builtin_shufflevector(x, y, __VA_ARGS__)
+    switch (w) {
+    case 8:
+        return HALVES(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + HALVES(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    case 4:
+        return HALVES(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+             + HALVES(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    case 2:
+        return HALVES(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+             + HALVES(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    default:
+        return HALVES(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+             + HALVES(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    }
+#undef HALVES
+}
+
 /* Sixteen sums at once: lane l of the result is the sum of the lanes of acc[s], s = l with
- * its 4 bits reversed. Four rounds each add the two halves of pairs of vectors (32 shuffles
- * and 15 adds, against ~8 instructions per vector for hsum). */
+ * its 4 bits reversed. Four rounds of folds (32 shuffles and 15 adds, against ~8
+ * instructions per vector for hsum). */
 static inline vf sum16(const vf *acc) {
-    vf s1[8], s2[4], s3[2];
-    for (int p = 0; p < 8; p++) {
-        vf x = acc[2 * p], y = acc[2 * p + 1];
-        s1[p] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7,
-                                        16, 17, 18, 19, 20, 21, 22, 23)
-              + __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15,
-                                        24, 25, 26, 27, 28, 29, 30, 31);
-    }
-    for (int q = 0; q < 4; q++) {
-        vf x = s1[2 * q], y = s1[2 * q + 1];
-        s2[q] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19,
-                                        8, 9, 10, 11, 24, 25, 26, 27)
-              + __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23,
-                                        12, 13, 14, 15, 28, 29, 30, 31);
-    }
-    for (int w = 0; w < 2; w++) {
-        vf x = s2[2 * w], y = s2[2 * w + 1];
-        s3[w] = __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21,
-                                        8, 9, 24, 25, 12, 13, 28, 29)
-              + __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23,
-                                        10, 11, 26, 27, 14, 15, 30, 31);
-    }
-    return __builtin_shufflevector(s3[0], s3[1], 0, 16, 2, 18, 4, 20, 6, 22,
-                                   8, 24, 10, 26, 12, 28, 14, 30)
-         + __builtin_shufflevector(s3[0], s3[1], 1, 17, 3, 19, 5, 21, 7, 23,
-                                   9, 25, 11, 27, 13, 29, 15, 31);
+    vf s[16];
+    for (int i = 0; i < 16; i++) s[i] = acc[i];
+    for (int n = 8, w = 8; n >= 1; n /= 2, w /= 2)
+        for (int p = 0; p < n; p++) s[p] = fold(s[2 * p], s[2 * p + 1], w);
+    return s[0];
 }
 
 /* dW[j0 + j][i0 + i] for j, i < 4: 8 vector loads feed 16 FMAs per row chunk (16 of the 32
