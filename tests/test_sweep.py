@@ -375,3 +375,28 @@ def test_blobs_round_trip_inline_and_in_chunks(tmp_path, n):
     assert get_blob(attrs, "history") == obj
     assert all(len(str(v)) <= CHUNK_CHARS + 100 for v in attrs.values())
     assert (len(attrs) == 1) == (n == 3)
+
+
+def test_an_interrupt_lost_in_a_weakref_callback_still_stops_a_worker():
+    """Python reports an exception raised in a garbage-collector callback as ignored and goes
+    on: a worker drops that report and stops at its next check."""
+    code = """if True:
+        import os, signal, sys, weakref
+        from widedeep.sweep_worker import check_interrupted, handle_interrupts
+        handle_interrupts()
+        class Thing: pass
+        thing = Thing()
+        def callback(ref):
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(100_000))  # the interrupt lands here, inside the callback
+        ref = weakref.ref(thing, callback)
+        del thing
+        print("went on")
+        try:
+            check_interrupted()
+        except KeyboardInterrupt:
+            sys.exit(3)
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (3, "went on", "")

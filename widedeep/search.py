@@ -24,7 +24,7 @@ from widedeep.config import INITS, NORMS, OPTIMIZERS, make_config
 from widedeep.errors import UserError
 from widedeep.run import run_many
 from widedeep.sweep_store import Store
-from widedeep.sweep_worker import launch
+from widedeep.sweep_worker import check_interrupted, handle_interrupts, launch
 
 SETTINGS_ATTR, BASELINES_ATTR = "widedeep:search", "widedeep:baselines"
 DEFAULT_STORAGE = "sqlite:///results/search.sqlite3"
@@ -121,7 +121,7 @@ def work(study_name: str, url: str, *, trials: int, timeout: float | None,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.optimize(_objective(settings), n_trials=trials - done, timeout=timeout,
-                           callbacks=[stop], catch=(Exception,))
+                           callbacks=[stop, check_interrupted], catch=(Exception,))
 
 
 def run_search(*, study: str | None = None, dataset: str = "diabetes", split: str = "cv:5",
@@ -236,16 +236,15 @@ def search_results(study_name: str, storage: str, *, top: int = 10) -> dict:
             "fold_digest": baselines.get("fold_digest")}
 
 
-def _interrupted(signum, frame):
+def _quiet() -> None:
     # The trial in flight fails, as it should: no warning and traceback from Optuna for it.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    raise KeyboardInterrupt
 
 
 def _worker_main(argv: list[str]) -> int:
     """Entry point of a worker process (see ``_spawn``)."""
     job = json.loads(argv[0])
-    signal.signal(signal.SIGINT, _interrupted)
+    handle_interrupts(before=_quiet)
     try:
         work(job.pop("study_name"), job.pop("url"), **job)
     except KeyboardInterrupt:

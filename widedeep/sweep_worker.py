@@ -39,6 +39,36 @@ POLL_S = 0.5
 KEY_ATTR = "widedeep:key"
 
 
+_INTERRUPTED = threading.Event()
+
+
+def handle_interrupts(before=None) -> None:
+    """In a worker process: a SIGINT raises KeyboardInterrupt where it lands, and is
+    remembered (``check_interrupted``). Where it lands may be a weakref callback of the
+    garbage collector, which Python reports as ignored (a traceback on stderr) and goes on
+    from: such reports are dropped, and the worker stops at its next check instead.
+    ``before``: called first, in the handler."""
+    def handler(signum, frame):
+        if before is not None:
+            before()
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = _drop_lost_interrupts
+
+
+def _drop_lost_interrupts(info) -> None:
+    if not (info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt)):
+        sys.__unraisablehook__(info)
+
+
+def check_interrupted(*_) -> None:
+    """Raise KeyboardInterrupt if an interrupt came (and got lost in a callback)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 class _Heartbeat(threading.Thread):
     """Renews the lease of whatever token the worker holds, every ``every`` seconds."""
 
@@ -198,6 +228,7 @@ def work_all(jobs: list[tuple], url: str, *, worker: str, grace_s: float, on_don
 def _loop(store: Store, study, spec, beat: _Heartbeat, *, worker, group, grace_s, on_done,
           linger: bool = True):
     while True:
+        check_interrupted()
         store.expire_exhausted(spec.name, grace_s, MAX_ATTEMPTS)
         token, rows = store.claim(spec.name, worker, group=group, grace_s=grace_s,
                                   max_attempts=MAX_ATTEMPTS)
@@ -273,13 +304,24 @@ def _bar(spec, store: Store, progress: bool) -> tqdm:
                 unit="trial", desc=spec.name)
 
 
-# A worker interrupted while it still imports exits quietly too.
-_LAUNCH = """import sys
+# A worker interrupted while it still imports exits quietly too: the interrupt is held
+# until the imports are done and then ends the worker at once. (Raised at some point of an
+# import, or let through after it, it can land in a weakref callback of the garbage
+# collector, where Python prints it as ignored, traceback and all, and goes on.)
+_LAUNCH = """import signal, sys
+held = hasattr(signal, "pthread_sigmask")
+if held:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
 try:
     from {module} import _worker_main
+    if held:
+        if signal.SIGINT in signal.sigpending():
+            sys.exit(130)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
+    code = _worker_main(sys.argv[1:])
 except KeyboardInterrupt:
-    sys.exit(130)
-sys.exit(_worker_main(sys.argv[1:]))
+    code = 130
+sys.exit(code)
 """
 
 
@@ -375,6 +417,7 @@ def _worker_main(argv: list[str]) -> int:
     sweeps (saved specs) and their claim groups, the storage URL and the worker."""
     from widedeep.sweep import SweepSpec
 
+    handle_interrupts()
     job = json.loads(argv[0])
     jobs = [(SweepSpec.from_saved(spec), group)
             for spec, group in zip(job.pop("specs"), job.pop("groups"), strict=True)]
