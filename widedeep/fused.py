@@ -167,8 +167,9 @@ class OptimizerStep:
     def __init__(self, fn, kind: str, state: tuple[torch.Tensor, ...]):
         self.fn, self.state = fn, state  # kept: the call reads them through raw pointers
         flat, buf, sq, lr, momentum, wd = state
-        self.shape = flat.shape
-        self.head = (self.CODES[kind], *flat.shape, flat.data_ptr())
+        self.shape, self.flat_ptr = flat.shape, flat.data_ptr()
+        # the call's arguments before and after the gradient's pointer
+        self.head = (self.CODES[kind], *flat.shape, self.flat_ptr)
         self.tail = (buf.data_ptr(), sq.data_ptr() if sq is not None else None,
                      lr.data_ptr(), momentum.data_ptr(), wd.data_ptr())
 
@@ -188,7 +189,7 @@ class OptimizerStep:
 
     def __call__(self, flat: torch.Tensor, grad: torch.Tensor, t: int) -> None:
         """Step ``t`` (from 1) from ``grad`` (K, P); ``flat`` must be the bound one."""
-        if flat.data_ptr() != self.head[3] or grad.shape != self.shape:
+        if flat.data_ptr() != self.flat_ptr or grad.shape != self.shape:
             raise ValueError("the optimizer step is bound to other parameters")
         if grad.dtype != torch.float32 or not grad.is_contiguous():
             grad = grad.to(torch.float32).contiguous()
