@@ -218,7 +218,6 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, workers: int = 1,
                                         grace_s=grace_s, store=store)
 
 
-
 def start_sweeps(specs: list[SweepSpec], *, storage: str, workers: int,
                  grace_s: float | None = None):
     """Prepare ``specs`` and start ``workers`` processes that run those with trials left, in
