@@ -139,9 +139,29 @@ def test_an_activation_the_kernel_lacks_takes_the_torch_step(monkeypatch):
 
 
 @pytest.mark.parametrize("module", [nn.GELU(approximate="tanh"), nn.Softmax(dim=0),
-                                    nn.LogSoftmax(dim=0), nn.PReLU()])
+                                    nn.LogSoftmax(dim=0), nn.PReLU(num_parameters=3)])
 def test_modules_without_a_kernel_code(module):
     assert fused._code_of(module) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("widths", [(7, 16, 3), (fused.MAX_WIDTH, 9)], ids=["narrow", "wide"])
+def test_prelu_slopes_per_model_and_layer_and_their_gradients(widths):
+    """Each model's prelu layers have slopes of their own (negative and zero ones too), read
+    from the parameters; their gradients equal autograd's."""
+    trainer = _trainer(3, 3, activation="prelu", widths=widths)
+    assert isinstance(trainer.manual, fused.FusedStep)
+    offsets = trainer.layout.offsets()
+    columns = [offsets[f"blocks.{i}.activation.weight"] for i in range(len(widths))]
+    slopes = torch.tensor([[0.25, -0.5, 0.0], [1.5, 0.1, -2.0], [0.0, 0.3, 0.7]])
+    trainer.flat[:, columns] = slopes[:, :len(widths)]
+    X, y = _data(3, 77, 3, shared=False)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert (grad[:, columns] != 0).all()  # every slope gets a gradient
+    assert len(set(loss.tolist())) == 3
 
 
 def _in_child(extra_env: dict, cache) -> list[str]:

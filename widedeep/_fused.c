@@ -45,10 +45,11 @@ enum {
     ACT_SOFTSHRINK, /* p0: lambda */
     ACT_TANHSHRINK, ACT_SOFTSIGN,
     ACT_THRESHOLD,  /* p0, p1: threshold, value */
+    ACT_PRELU,      /* p0: the layer's learnable slope (one per layer), from the parameters */
     /* over the features of a row, not elementwise: from the outputs a alone */
     ACT_SOFTMAX, ACT_SOFTMIN, ACT_LOGSOFTMAX,
 };
-#define NEEDS_Z(act) ((act) >= ACT_SILU && (act) <= ACT_THRESHOLD)
+#define NEEDS_Z(act) ((act) >= ACT_SILU && (act) <= ACT_PRELU)
 #define ROWWISE(act) ((act) >= ACT_SOFTMAX)
 #define SELU_ALPHA 1.6732632423543772848170429916717f
 #define SELU_SCALE 1.0507009873554804934193349852946f
@@ -205,6 +206,7 @@ ALWAYS_INLINE vf act_fwd(vf z, int act, float p0, float p1) {
     case ACT_TANHSHRINK: return z - v_tanh(z);
     case ACT_SOFTSIGN: return z * v_recip(1.0f + sel(z < 0.0f, -z, z));
     case ACT_THRESHOLD: return sel(z <= p0, splat(p1), z);
+    case ACT_PRELU: return sel(z > 0.0f, z, z * p0);
     default: return z;
     }
 }
@@ -249,6 +251,7 @@ ALWAYS_INLINE vf act_back(vf g, vf a, vf z, int act, float p0, float p1) {
         return g * (r * r);
     }
     case ACT_THRESHOLD: return sel(z <= p0, splat(0.0f), g);
+    case ACT_PRELU: return sel(z > 0.0f, g, g * p0);
     default: return g;
     }
 }
@@ -429,7 +432,7 @@ ALWAYS_INLINE void rowwise_(int back, int act, vf *z, const vf *a, int no, int n
 #define EACH_ACTIVATION(X) X(ACT_SIGMOID) X(ACT_TANH) X(ACT_RELU) X(ACT_LEAKY_RELU) X(ACT_ELU) \
     X(ACT_SELU) X(ACT_CELU) X(ACT_HARDTANH) X(ACT_LOGSIGMOID) X(ACT_SOFTPLUS) X(ACT_SILU)       \
     X(ACT_GELU) X(ACT_MISH) X(ACT_HARDSWISH) X(ACT_HARDSIGMOID) X(ACT_SOFTSHRINK)            \
-    X(ACT_TANHSHRINK) X(ACT_SOFTSIGN) X(ACT_THRESHOLD)
+    X(ACT_TANHSHRINK) X(ACT_SOFTSIGN) X(ACT_THRESHOLD) X(ACT_PRELU)
 #define EACH_ROWWISE(X) X(ACT_SOFTMAX) X(ACT_SOFTMIN) X(ACT_LOGSOFTMAX)
 
 static void apply(int back, int act, const float *p, vf *z, vf *pre, const vf *a, int no,
@@ -617,6 +620,23 @@ static void dense_grad(const vf *g, const vf *h, int in, int out, int nc, float 
             dW[(long)j * in + i] = dot(g + (long)j * nc, h + (long)i * nc, nc);
 }
 
+/* prelu, backward, for a layer of width units: g (width, nc) holds the gradient wrt the
+ * activation's outputs and becomes the gradient wrt its inputs z (g where z > 0, slope * g
+ * elsewhere); returns the slope's gradient, the sum of z * g where z <= 0 over the real
+ * rows, as torch's prelu backward. */
+static float prelu_back(vf *g, const vf *z, const vi *real, float slope, int width, int nc) {
+    vf sum = splat(0.0f);
+    for (int o = 0; o < width; o++)
+        for (long c = 0; c < nc; c++) {
+            long at = (long)o * nc + c;
+            vf gv = g[at], zv = z[at];
+            vi above = zv > 0.0f;
+            sum += sel(above | ~real[c], splat(0.0f), zv * gv);
+            g[at] = sel(above, gv, gv * slope);
+        }
+    return hsum(sum);
+}
+
 /* Mean loss over the n real rows, and its gradient wrt the logits o (n_out, nc) into g. */
 static float loss_grad(const vf *o, const vf *target, const vi *label, const vi *real,
                        int n_out, int nc, int n, vf *g) {
@@ -659,19 +679,42 @@ static float loss_grad(const vf *o, const vf *target, const vi *label, const vi 
     return hsum(total) / (float)n;
 }
 
+/* The parameters of hidden layer l's activation: act_params, or prelu's slope for that
+ * layer, from the model's parameters p, in lp. */
+static inline const float *layer_params(const float *act_params, const long *s_off,
+                                        const float *p, int l, float *lp) {
+    if (s_off == NULL) return act_params;
+    lp[0] = p[s_off[l]], lp[1] = 0.0f;
+    return lp;
+}
+
+/* dense_back, and for prelu the gradient of the slope of the activation whose output a
+ * (in, nc) is, into *slope_grad. */
+static void back_through(const float *W, const vf *g, const vf *a, const vf *pre, int act,
+                         const float *params, const vi *real, float *slope_grad, int in,
+                         int out, int nc, vf *gh) {
+    if (act != ACT_PRELU) {
+        dense_back(W, g, a, pre, act, params, in, out, nc, gh);
+        return;
+    }
+    dense_back(W, g, a, pre, ACT_NONE, params, in, out, nc, gh); /* wrt prelu's outputs */
+    *slope_grad = prelu_back(gh, pre, real, params[0], in, nc);
+}
+
 /* Losses (K) and gradients (K, P) of K MLPs with parameters flat (K, P).
  *
  * Layer l (depth hidden layers, then the head) has its weight (out, in) at flat offset
  * w_off[l] and its bias at b_off[l]; widths[l] is its output size; hidden layers apply
- * activation act (ACT_*) with parameters act_params[0..1]. X is (d, n), shared, or
- * (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0, or -1 when
- * scratch memory could not be allocated.
+ * activation act (ACT_*) with parameters act_params[0..1], except prelu, whose slope is a
+ * parameter of its own in each hidden layer l, at flat offset s_off[l] (s_off is NULL for
+ * other activations). X is (d, n), shared, or (K, d, n) when x_per_model; y is (n) or
+ * (K, n) int64 class labels. Returns 0, or -1 when scratch memory could not be allocated.
  */
 int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_out, int act,
                       const float *act_params,
                       const float *flat, long P, const long *w_off, const long *b_off,
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
-                      float *loss, float *grad) {
+                      const long *s_off, float *loss, float *grad) {
     int nc = (n + V - 1) / V, maxw = d > n_out ? d : n_out;
     /* NOTE: an odd row stride (in cache lines): with an even one, the rows of a layer map to a
      * fraction of L1's sets (48 lines: a quarter) and evict each other at width >= 16. The
@@ -699,6 +742,7 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
     for (int c = 0; c < nc; c++)
         for (int r = 0; r < V; r++) real[c][r] = c * V + r < n ? -1 : 0;
 
+    float lp[2]; /* a prelu layer's parameters */
     for (int k = 0; k < K; k++) {
         const float *p = flat + (long)k * P;
         float *gk = grad + (long)k * P;
@@ -722,7 +766,8 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
         int in = d;
         vf *a = acts;
         for (int l = 0; l < depth; l++) {
-            dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act, act_params, a,
+            dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act,
+                  layer_params(act_params, s_off, p, l, lp), a,
                   pre + (a - acts));
             h = a, in = widths[l], a += (long)widths[l] * nc;
         }
@@ -733,8 +778,9 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
         /* backward: g1 holds the gradient wrt the pre-activation of the layer above h */
         dense_grad(g1, h, in, n_out, nc, gk + w_off[depth], gk + b_off[depth]);
         if (depth > 0)
-            dense_back(p + w_off[depth], g1, h, pre + (h - acts), act, act_params, in, n_out, nc,
-                       g2);
+            back_through(p + w_off[depth], g1, h, pre + (h - acts), act,
+                         layer_params(act_params, s_off, p, depth - 1, lp), real,
+                         s_off ? gk + s_off[depth - 1] : NULL, in, n_out, nc, g2);
         for (int l = depth - 1; l >= 0; l--) {
             int w = widths[l];
             a -= (long)w * nc; /* this layer's output; g2: the gradient wrt its input */
@@ -742,8 +788,9 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
             int in_l = l > 0 ? widths[l - 1] : d;
             dense_grad(g2, below, in_l, w, nc, gk + w_off[l], gk + b_off[l]);
             if (l > 0) {
-                dense_back(p + w_off[l], g2, below, pre + (below - acts), act, act_params, in_l,
-                           w, nc, g1);
+                back_through(p + w_off[l], g2, below, pre + (below - acts), act,
+                             layer_params(act_params, s_off, p, l - 1, lp), real,
+                             s_off ? gk + s_off[l - 1] : NULL, in_l, w, nc, g1);
                 vf *t = g1; g1 = g2; g2 = t;
             }
         }

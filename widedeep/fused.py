@@ -55,10 +55,12 @@ _CODES: dict[type, Callable[[nn.Module], tuple[int, float, float] | None]] = {
     nn.Tanhshrink: lambda m: (16, 0.0, 0.0),
     nn.Softsign: lambda m: (17, 0.0, 0.0),
     nn.Threshold: lambda m: (18, m.threshold, m.value),
+    # one learnable slope per layer (a parameter: the step reads it from the flat row)
+    nn.PReLU: lambda m: (19, 0.0, 0.0) if m.num_parameters == 1 else None,
     # over the features of a hidden layer's (batch, width) output only
-    nn.Softmax: lambda m: (19, 0.0, 0.0) if m.dim in (-1, 1) else None,
-    nn.Softmin: lambda m: (20, 0.0, 0.0) if m.dim in (-1, 1) else None,
-    nn.LogSoftmax: lambda m: (21, 0.0, 0.0) if m.dim in (-1, 1) else None,
+    nn.Softmax: lambda m: (20, 0.0, 0.0) if m.dim in (-1, 1) else None,
+    nn.Softmin: lambda m: (21, 0.0, 0.0) if m.dim in (-1, 1) else None,
+    nn.LogSoftmax: lambda m: (22, 0.0, 0.0) if m.dim in (-1, 1) else None,
 }
 
 
@@ -147,7 +149,7 @@ def _load(path: Path) -> ctypes.CDLL:
                   c_int, ptr,  # act act_params
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
-                  ptr, ptr]  # loss grad
+                  ptr, ptr, ptr]  # s_off loss grad
     f.restype = c_int
     f = lib.widedeep_opt_step
     f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
@@ -201,6 +203,13 @@ def _layers(layout: Layout) -> list[str]:
     return [f"blocks.{i}.linear" for i in range(layout.depth)] + ["head"]
 
 
+def _slopes(layout: Layout) -> list[str]:
+    """prelu's slopes, one per hidden layer (none for other activations)."""
+    if layout.activation != "prelu":
+        return []
+    return [f"blocks.{i}.activation.weight" for i in range(layout.depth)]
+
+
 class FusedStep:
     """Per-model losses and gradients of K stacked MLPs, from the compiled step."""
 
@@ -219,6 +228,8 @@ class FusedStep:
             *[shapes[f"{name}.weight"][0] for name in layers[:-1]])
         self._w_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.weight"] for n in layers])
         self._b_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.bias"] for n in layers])
+        slopes = [offsets[n] for n in _slopes(layout)]  # prelu's, one per hidden layer
+        self._s_off = (ctypes.c_long * len(slopes))(*slopes) if slopes else None
 
     @classmethod
     def create(cls, layout: Layout, device: torch.device) -> FusedStep | None:
@@ -228,7 +239,7 @@ class FusedStep:
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
         plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
-                                      for p in ("weight", "bias")}  # Linear layers only
+                                      for p in ("weight", "bias")} | set(_slopes(layout))
         if (device.type != "cpu" or not plain or any(layout.residual) or layout.dropout
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
@@ -260,7 +271,7 @@ class FusedStep:
         loss, grad = torch.empty(K), torch.empty(K, self.n_params)
         code = self.fn(K, self.d, X.shape[-1], self.depth, self._widths, self.n_out, self.act,
                        self._act_params, flat.data_ptr(), self.n_params, self._w_off, self._b_off,
-                       X.data_ptr(), X.dim() == 3, y.data_ptr(), y.dim() == 2,
+                       X.data_ptr(), X.dim() == 3, y.data_ptr(), y.dim() == 2, self._s_off,
                        loss.data_ptr(), grad.data_ptr())
         if code != 0:
             raise MemoryError("the fused step could not allocate its scratch memory")
