@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from widedeep import env
+from widedeep import env, fused
 from widedeep.activations import get_activation, list_activations
 from widedeep.batched_fit import Data, Trainer
 from widedeep.batched_grad import ManualStep
@@ -99,7 +99,8 @@ def test_manual_gradients_of_wide_and_deep_equal_autograd(cross, n_classes, shar
 @pytest.mark.parametrize("options", [dict(activation="softmax"), dict(activation="softmin"),
                                      dict(activation="tanh", norm="layer")],
                          ids=["softmax", "softmin", "layer-norm"])
-def test_what_the_hand_written_step_does_not_cover_keeps_autograd(options):
+def test_what_the_hand_written_step_does_not_cover_keeps_autograd(options, monkeypatch):
+    monkeypatch.setattr(fused, "library", lambda: None)  # no compiled step (see test_fused)
     trainer = _trainer(n_classes=2, **options)
     assert trainer.manual is None
     assert ManualStep.create(trainer.layout, trainer.act) is None

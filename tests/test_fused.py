@@ -128,7 +128,7 @@ def test_a_nan_weight_spoils_its_own_model_as_in_torch(activation):
 ], ids=["residual", "layer-norm", "too-wide"])
 def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
     trainer = _trainer(2, 2, **options)
-    assert fused.FusedStep.create(trainer.layout, trainer.flat.device) is None
+    assert fused.FusedStep.create(trainer.layout, trainer.flat.device, 2) is None
     assert not isinstance(trainer.manual, fused.FusedStep)
 
 
@@ -213,10 +213,30 @@ def test_the_step_leaves_denormals_as_it_found_them():
 
 
 @needs_kernel
-def test_a_stack_given_several_threads_keeps_the_torch_step():
-    with num_threads(2):
+def test_fewer_models_than_threads_keep_the_torch_step():
+    with num_threads(3):
         trainer = _trainer(2, 2, activation="relu")
     assert isinstance(trainer.manual, ManualStep)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "gelu"])
+def test_models_split_between_threads_give_the_same_results(activation, shared):
+    """With several torch threads the kernel splits the models between them (7 models on
+    2 and 3 threads: uneven runs): each model's loss and gradient are the same bits."""
+    with num_threads(3):
+        trainer = _trainer(7, 3, activation=activation, widths=(9, 17))
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(7, 77, 3, shared)
+    with num_threads(1):
+        want_loss, want_grad = trainer.manual(trainer.flat, X, y)
+    for threads in (2, 3):
+        with num_threads(threads):
+            loss, grad = trainer.manual(trainer.flat, X, y)
+        assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    want = trainer.autograd(Data(X, y))[1]
+    torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
 
 
 OPTIMIZER_CASES = [

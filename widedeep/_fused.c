@@ -16,6 +16,7 @@
  * handling that divergence detection relies on: NaN in, NaN out, as in torch.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -701,20 +702,28 @@ static void back_through(const float *W, const vf *g, const vf *a, const vf *pre
     *slope_grad = prelu_back(gh, pre, real, params[0], in, nc);
 }
 
-/* Losses (K) and gradients (K, P) of K MLPs with parameters flat (K, P).
- *
- * Layer l (depth hidden layers, then the head) has its weight (out, in) at flat offset
- * w_off[l] and its bias at b_off[l]; widths[l] is its output size; hidden layers apply
- * activation act (ACT_*) with parameters act_params[0..1], except prelu, whose slope is a
- * parameter of its own in each hidden layer l, at flat offset s_off[l] (s_off is NULL for
- * other activations). X is (d, n), shared, or (K, d, n) when x_per_model; y is (n) or
- * (K, n) int64 class labels. Returns 0, or -1 when scratch memory could not be allocated.
- */
-int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_out, int act,
-                      const float *act_params,
-                      const float *flat, long P, const long *w_off, const long *b_off,
-                      const float *X, int x_per_model, const int64_t *y, int y_per_model,
-                      const long *s_off, float *loss, float *grad) {
+/* One call's arguments (see widedeep_mlp_step below), shared by the threads it starts. */
+struct step {
+    int d, n, depth, n_out, act;
+    const int *widths;
+    const float *act_params, *flat;
+    long P;
+    const long *w_off, *b_off, *s_off;
+    const float *X;
+    int x_per_model, y_per_model;
+    const int64_t *y;
+    float *loss, *grad;
+};
+
+/* Models [k0, k1) of a step, on the calling thread, in scratch memory of their own. */
+static int step_models(const struct step *s, int k0, int k1) {
+    const int d = s->d, n = s->n, depth = s->depth, n_out = s->n_out, act = s->act;
+    const int *widths = s->widths;
+    const float *act_params = s->act_params, *flat = s->flat, *X = s->X;
+    const long P = s->P, *w_off = s->w_off, *b_off = s->b_off, *s_off = s->s_off;
+    const int x_per_model = s->x_per_model, y_per_model = s->y_per_model;
+    const int64_t *y = s->y;
+    float *loss = s->loss, *grad = s->grad;
     int nc = (n + V - 1) / V, maxw = d > n_out ? d : n_out;
     /* NOTE: an odd row stride (in cache lines): with an even one, the rows of a layer map to a
      * fraction of L1's sets (48 lines: a quarter) and evict each other at width >= 16. The
@@ -743,10 +752,10 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
         for (int r = 0; r < V; r++) real[c][r] = c * V + r < n ? -1 : 0;
 
     float lp[2]; /* a prelu layer's parameters */
-    for (int k = 0; k < K; k++) {
+    for (int k = k0; k < k1; k++) {
         const float *p = flat + (long)k * P;
         float *gk = grad + (long)k * P;
-        if (k == 0 || x_per_model) {
+        if (k == k0 || x_per_model) {
             const float *xk = X + (x_per_model ? (long)k * d * n : 0);
             for (int i = 0; i < d; i++) {
                 float *row = (float *)(h0 + (long)i * nc);
@@ -754,7 +763,7 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
                 memset(row + n, 0, ((long)nc * V - n) * sizeof(float));
             }
         }
-        if (k == 0 || y_per_model) {
+        if (k == k0 || y_per_model) {
             const int64_t *yk = y + (y_per_model ? (long)k * n : 0);
             for (int r = 0; r < nc * V; r++) {
                 int v = r < n ? (int)yk[r] : 0;
@@ -800,6 +809,63 @@ int widedeep_mlp_step(int K, int d, int n, int depth, const int *widths, int n_o
 #endif
     free(buf);
     return 0;
+}
+
+struct part {
+    const struct step *step;
+    int k0, k1, status;
+};
+
+static void *run_part(void *arg) {
+    struct part *part = arg;
+    part->status = step_models(part->step, part->k0, part->k1);
+    return NULL;
+}
+
+#define MAX_THREADS 256
+
+/* Losses (K) and gradients (K, P) of K MLPs with parameters flat (K, P).
+ *
+ * Layer l (depth hidden layers, then the head) has its weight (out, in) at flat offset
+ * w_off[l] and its bias at b_off[l]; widths[l] is its output size; hidden layers apply
+ * activation act (ACT_*) with parameters act_params[0..1], except prelu, whose slope is a
+ * parameter of its own in each hidden layer l, at flat offset s_off[l] (s_off is NULL for
+ * other activations). X is (d, n), shared, or (K, d, n) when x_per_model; y is (n) or
+ * (K, n) int64 class labels. Returns 0, or -1 when scratch memory could not be allocated.
+ *
+ * threads: the models are split into that many runs of consecutive models (at most K), each
+ * on a thread of its own (the calling thread takes the first) with scratch memory of its
+ * own; each model's results are the same however they are split.
+ */
+int widedeep_mlp_step(int threads, int K, int d, int n, int depth, const int *widths,
+                      int n_out, int act, const float *act_params,
+                      const float *flat, long P, const long *w_off, const long *b_off,
+                      const float *X, int x_per_model, const int64_t *y, int y_per_model,
+                      const long *s_off, float *loss, float *grad) {
+    struct step s = {.d = d, .n = n, .depth = depth, .n_out = n_out, .act = act,
+                     .widths = widths, .act_params = act_params, .flat = flat, .P = P,
+                     .w_off = w_off, .b_off = b_off, .s_off = s_off, .X = X,
+                     .x_per_model = x_per_model, .y_per_model = y_per_model, .y = y,
+                     .loss = loss, .grad = grad};
+    if (threads > K) threads = K;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads <= 1) return step_models(&s, 0, K);
+    struct part parts[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < threads; t++)
+        parts[t] = (struct part){&s, (int)((long)K * t / threads),
+                                 (int)((long)K * (t + 1) / threads), 0};
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
+    run_part(&parts[0]);
+    int status = parts[0].status;
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+        else run_part(&parts[t]); /* no thread to be had: this one runs them */
+        if (parts[t].status != 0) status = parts[t].status;
+    }
+    return status;
 }
 
 /* One optimizer step of K models, in place on their flat (K, P) parameters, as torch.optim's

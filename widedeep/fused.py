@@ -76,7 +76,7 @@ ACTIVATIONS = sorted(name for name in list_activations()
 # VM, one thread, K=8 nets of 4 layers, Adam, 607 rows, ms per model-step, fused vs torch:
 # width 128 ReLU 2.35 vs 2.98, tanh 2.63 vs 2.96; width 256 ReLU 9.9 vs 9.8, tanh 10.3 vs 9.6).
 MAX_WIDTH = 128
-FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno")
+FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
 ARCH_FLAGS = (("-march=native",), ())  # tried in turn: not every compiler knows native
 
 _lib: ctypes.CDLL | None = None
@@ -145,7 +145,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     f = lib.widedeep_mlp_step
     c_int, ptr, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
-    f.argtypes = [c_int, c_int, c_int, c_int, ptr, c_int,  # K d n depth widths n_out
+    f.argtypes = [c_int, c_int, c_int, c_int, c_int, ptr, c_int,  # threads K d n depth widths n_out
                   c_int, ptr,  # act act_params
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
@@ -232,10 +232,11 @@ class FusedStep:
         self._s_off = (ctypes.c_long * len(slopes))(*slopes) if slopes else None
 
     @classmethod
-    def create(cls, layout: Layout, device: torch.device) -> FusedStep | None:
-        """A step for ``layout`` on ``device``, or None when the fused step does not apply
-        (not CPU, more than one torch thread, normalisation, residual blocks, dropout, an
-        activation it lacks, too wide) or is not available (see :func:`status`)."""
+    def create(cls, layout: Layout, device: torch.device, models: int) -> FusedStep | None:
+        """A step for ``models`` stacked nets of ``layout`` on ``device``, or None when the
+        fused step does not apply (not CPU, fewer models than torch's threads, normalisation,
+        residual blocks, dropout, an activation it lacks, too wide) or is not available (see
+        :func:`status`)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
         plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
@@ -243,11 +244,10 @@ class FusedStep:
         if (device.type != "cpu" or not plain or any(layout.residual) or layout.dropout
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
-        # NOTE: the kernel runs on one thread. Where the run gave this stack more (steps of
-        # over widedeep.run.SMALL_STEP_FLOPS, or --threads), torch's threaded step keeps it:
-        # 8 nets of 4 x 64 tanh units, Adam, 607 rows, dev VM, side by side: 0.74 ms per
-        # model-step on 2 threads against 0.79 for the kernel on one.
-        if torch.get_num_threads() > 1:
+        # NOTE: the kernel splits the models between torch's threads (as many as the run gave
+        # this stack: one for small steps, see widedeep.run.SMALL_STEP_FLOPS); a model is never
+        # split, so where there are fewer models than threads, torch's threaded step keeps it.
+        if models < torch.get_num_threads():
             return None
         lib = library()
         return cls(layout, lib) if lib is not None else None
@@ -269,7 +269,8 @@ class FusedStep:
             y = y.to(torch.int64).contiguous()
         K = flat.shape[0]
         loss, grad = torch.empty(K), torch.empty(K, self.n_params)
-        code = self.fn(K, self.d, X.shape[-1], self.depth, self._widths, self.n_out, self.act,
+        code = self.fn(torch.get_num_threads(), K, self.d, X.shape[-1], self.depth, self._widths,
+                       self.n_out, self.act,
                        self._act_params, flat.data_ptr(), self.n_params, self._w_off, self._b_off,
                        X.data_ptr(), X.dim() == 3, y.data_ptr(), y.dim() == 2, self._s_off,
                        loss.data_ptr(), grad.data_ptr())
