@@ -164,15 +164,18 @@ static inline vf v_tanh(vf x) {
     return sel(ax >= 0.625f, big, small);
 }
 
-/* erf(x): Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7); NaN stays NaN. */
-static inline vf v_erf(vf x) {
+/* erf(x) given e = exp(-x^2): Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7);
+ * NaN stays NaN. */
+static inline vf v_erf_with(vf x, vf e) {
     vf ax = sel(x < 0.0f, -x, x);
     vf t = v_recip(1.0f + 0.3275911f * ax);
     vf y = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t
             + 0.254829592f) * t;
-    vf r = 1.0f - y * v_exp(-ax * ax);
+    vf r = 1.0f - y * e;
     return sel(x < 0.0f, -r, r);
 }
+
+static inline vf v_erf(vf x) { return v_erf_with(x, v_exp(-x * x)); }
 
 static inline vf v_softplus(vf z) { /* log(1 + exp(z)), as torch: z itself above 20 */
     return sel(z > 20.0f, z, v_log1p(v_exp(z)));
@@ -231,9 +234,10 @@ ALWAYS_INLINE vf act_back(vf g, vf a, vf z, int act, float p0, float p1) {
         vf s = v_sigmoid(z);
         return g * s * (1.0f + z * (1.0f - s));
     }
-    case ACT_GELU: /* Phi(z) + z phi(z) */
-        return g * ((0.5f + 0.5f * v_erf(z * 0.70710678118654752f))
-                    + z * 0.39894228040143268f * v_exp(-0.5f * z * z));
+    case ACT_GELU: { /* Phi(z) + z phi(z); erf(z / sqrt 2) takes the same exp(-z^2 / 2) */
+        vf x = z * 0.70710678118654752f, e = v_exp(-x * x);
+        return g * ((0.5f + 0.5f * v_erf_with(x, e)) + z * 0.39894228040143268f * e);
+    }
     case ACT_MISH: {
         vf t = v_tanh(v_softplus(z));
         return g * (t + z * v_sigmoid(z) * (1.0f - t * t));
