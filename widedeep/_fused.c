@@ -177,8 +177,12 @@ static inline vf v_erf_with(vf x, vf e) {
 
 static inline vf v_erf(vf x) { return v_erf_with(x, v_exp(-x * x)); }
 
-static inline vf v_softplus(vf z) { /* log(1 + exp(z)), as torch: z itself above 20 */
-    return sel(z > 20.0f, z, v_log1p(v_exp(z)));
+/* tanh(softplus(z)) for mish, from e = exp(z) alone: (1 + e)^2 = n + 1 with n = e (e + 2),
+ * so tanh(log(1 + e)) = ((1 + e)^2 - 1) / ((1 + e)^2 + 1) = n / (n + 2); 1 above z = 20,
+ * where float rounds it to 1 (and where n may overflow). NaN stays NaN. */
+static inline vf mish_t(vf z, vf e) {
+    vf n = e * (e + 2.0f);
+    return sel(z > 20.0f, splat(1.0f), n * v_recip(n + 2.0f));
 }
 
 static inline vf relu6(vf t) { return sel(t < 0.0f, splat(0.0f), sel(t > 6.0f, splat(6.0f), t)); }
@@ -202,7 +206,7 @@ ALWAYS_INLINE vf act_fwd(vf z, int act, float p0, float p1) {
     }
     case ACT_SILU: return z * v_sigmoid(z);
     case ACT_GELU: return z * (0.5f + 0.5f * v_erf(z * 0.70710678118654752f));
-    case ACT_MISH: return z * v_tanh(v_softplus(z));
+    case ACT_MISH: return z * mish_t(z, v_exp(z));
     case ACT_HARDSWISH: return z * relu6(z + 3.0f) * (1.0f / 6.0f);
     case ACT_HARDSIGMOID: return relu6(z + 3.0f) * (1.0f / 6.0f);
     case ACT_SOFTSHRINK: /* z - clamp(z, -lambda, lambda), as torch: NaN stays NaN */
@@ -238,9 +242,10 @@ ALWAYS_INLINE vf act_back(vf g, vf a, vf z, int act, float p0, float p1) {
         vf x = z * 0.70710678118654752f, e = v_exp(-x * x);
         return g * ((0.5f + 0.5f * v_erf_with(x, e)) + z * 0.39894228040143268f * e);
     }
-    case ACT_MISH: {
-        vf t = v_tanh(v_softplus(z));
-        return g * (t + z * v_sigmoid(z) * (1.0f - t * t));
+    case ACT_MISH: { /* one exp for tanh(softplus(z)) and sigmoid(z) = e / (1 + e) */
+        vf e = v_exp(z), t = mish_t(z, e);
+        vf s = sel(z > 20.0f, splat(1.0f), e * v_recip(1.0f + e));
+        return g * (t + z * s * (1.0f - t * t));
     }
     case ACT_HARDSWISH:
         return sel(z < -3.0f, splat(0.0f), sel(z <= 3.0f, g * (z * (1.0f / 3.0f) + 0.5f), g));
