@@ -157,3 +157,14 @@ def test_stopping_a_background_search_fails_only_its_trial_in_flight(tmp_path, c
     done = states.count(TrialState.COMPLETE)
     again = search.run_search(study="s", storage=url, **{**BUDGET, "trials": done + 1})
     assert again["n_trials"] == done + 1
+
+
+@pytest.mark.parametrize("use_dropout, want", [(False, 0.0), (True, 0.3)])
+def test_the_search_space_has_no_dropout_as_a_choice_of_its_own(use_dropout, want):
+    params = dict(arch="mlp", activation="relu", depth=3, width=16, init="default",
+                  norm="none", residual=False, use_dropout=use_dropout, dropout=0.3,
+                  optimizer="adam", lr=0.01, weight_decay=1e-5, batch_size=32, epochs=20,
+                  patience=5)
+    options = search.suggest(optuna.trial.FixedTrial(params))
+    assert options["dropout"] == want
+    make_config(**options)  # a config the trainer takes

@@ -45,7 +45,9 @@ def suggest(trial: optuna.Trial, *, max_depth: int = 32, max_epochs: int = 300) 
         "init": trial.suggest_categorical("init", list(INITS)),
         "norm": trial.suggest_categorical("norm", list(NORMS)),
         "residual": trial.suggest_categorical("residual", [False, True]),
-        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+        # none, or a rate: a continuous rate alone would never try exactly none
+        "dropout": (trial.suggest_float("dropout", 0.0, 0.5)
+                    if trial.suggest_categorical("use_dropout", [False, True]) else 0.0),
         "optimizer": trial.suggest_categorical("optimizer", list(OPTIMIZERS)),
         "lr": trial.suggest_float("lr", 1e-4, 0.3, log=True),
         "weight_decay": trial.suggest_float("weight_decay", 1e-7, 1e-2, log=True),
