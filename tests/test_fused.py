@@ -73,6 +73,26 @@ def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("activation", fused.ACTIVATIONS)
+@pytest.mark.parametrize("widths", [(7, 7, 7, 16, 16, 3), (5, 9, 9)],
+                         ids=["residual-runs", "input-sized-first"])
+def test_fused_gradients_of_residual_blocks_equal_autograd(activation, n_classes, shared,
+                                                           widths):
+    """Residual blocks wherever a layer has as many units as inputs: two in a row, one
+    after a plain layer, one before the head, and the first layer on the D inputs."""
+    trainer = _trainer(3, n_classes, activation=activation, widths=widths, residual=True)
+    assert any(trainer.layout.residual) and not all(trainer.layout.residual)
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(3, 77, n_classes, shared)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "logsoftmax"])
 def test_fused_gradients_at_the_widest_layers_it_takes(activation):
     trainer = _trainer(2, 3, activation=activation, widths=(fused.MAX_WIDTH, fused.MAX_WIDTH))
@@ -123,9 +143,9 @@ def test_a_nan_weight_spoils_its_own_model_as_in_torch(activation):
 
 
 @pytest.mark.parametrize("options", [
-    dict(activation="tanh", residual=True, widths=(6, 6)),
+    dict(activation="tanh", dropout=0.1),
     dict(activation="tanh", norm="layer"), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
-], ids=["residual", "layer-norm", "too-wide"])
+], ids=["dropout", "layer-norm", "too-wide"])
 def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
     trainer = _trainer(2, 2, **options)
     assert fused.FusedStep.create(trainer.layout, trainer.flat.device, 2) is None

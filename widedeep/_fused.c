@@ -711,10 +711,28 @@ static void back_through(const float *W, const vf *g, const vf *a, const vf *pre
     *slope_grad = prelu_back(gh, pre, real, params[0], in, nc);
 }
 
+/* The gradient wrt a hidden layer's pre-activation into out (width, nc), from the gradient
+ * G wrt its activation's output: act'(.) * G, from that output a and (NEEDS_Z) its input z;
+ * prelu's slope gradient into *slope_grad. The unfused twin of back_through's activation
+ * part, for where G is needed whole (residual blocks). */
+static void act_back_pass(int act, const float *params, const vf *G, const vf *a, const vf *z,
+                          const vi *real, float *slope_grad, int width, int nc, vf *out) {
+    memcpy(out, G, (size_t)width * nc * sizeof(vf));
+    if (act == ACT_PRELU)
+        *slope_grad = prelu_back(out, z, real, params[0], width, nc);
+    else
+        apply(1, act, params, out, (vf *)z, a, width, nc, 0, nc);
+}
+
+/* y += x over count vectors, as x + y: a residual block's shortcut. */
+static void add_shortcut(vf *y, const vf *x, long count) {
+    for (long i = 0; i < count; i++) y[i] = x[i] + y[i];
+}
+
 /* One call's arguments (see widedeep_mlp_step below), shared by the threads it starts. */
 struct step {
     int d, n, depth, n_out, act;
-    const int *widths;
+    const int *widths, *res;
     const float *act_params, *flat;
     long P;
     const long *w_off, *b_off, *s_off;
@@ -727,7 +745,7 @@ struct step {
 /* Models [k0, k1) of a step, on the calling thread, in scratch memory of their own. */
 static int step_models(const struct step *s, int k0, int k1) {
     const int d = s->d, n = s->n, depth = s->depth, n_out = s->n_out, act = s->act;
-    const int *widths = s->widths;
+    const int *widths = s->widths, *res = s->res;
     const float *act_params = s->act_params, *flat = s->flat, *X = s->X;
     const long P = s->P, *w_off = s->w_off, *b_off = s->b_off, *s_off = s->s_off;
     const int x_per_model = s->x_per_model, y_per_model = s->y_per_model;
@@ -743,7 +761,7 @@ static int step_models(const struct step *s, int k0, int k1) {
         hidden += widths[l];
         if (widths[l] > maxw) maxw = widths[l];
     }
-    long floats = ((long)d + 2 * hidden + n_out + 2L * maxw + 1) * nc * V;
+    long floats = ((long)d + 2 * hidden + n_out + 4L * maxw + 1) * nc * V;
     size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     vf *buf = aligned_alloc(64, bytes + 2 * (size_t)nc * sizeof(vi));
     if (buf == NULL) return -1;
@@ -755,7 +773,8 @@ static int step_models(const struct step *s, int k0, int k1) {
     _mm_setcsr(csr | 0x8040); /* FTZ | DAZ */
 #endif
     vf *h0 = buf, *acts = h0 + (long)d * nc, *pre = acts + hidden * nc, *out = pre + hidden * nc;
-    vf *g1 = out + (long)n_out * nc, *g2 = g1 + (long)maxw * nc, *target = g2 + (long)maxw * nc;
+    vf *g1 = out + (long)n_out * nc, *g2 = g1 + (long)maxw * nc, *G = g2 + (long)maxw * nc;
+    vf *G_new = G + (long)maxw * nc, *target = G_new + (long)maxw * nc;
     vi *label = (vi *)((char *)buf + bytes), *real = label + nc;
     for (int c = 0; c < nc; c++)
         for (int r = 0; r < V; r++) real[c][r] = c * V + r < n ? -1 : 0;
@@ -780,37 +799,54 @@ static int step_models(const struct step *s, int k0, int k1) {
                 ((int32_t *)label)[r] = v;
             }
         }
+        /* forward: acts holds each hidden layer's output (a residual block's: its input
+         * added); pre, what the backward pass needs of the activation: its input where
+         * NEEDS_Z, else, in a residual block, its output before the shortcut */
         const vf *h = h0;
         int in = d;
         vf *a = acts;
         for (int l = 0; l < depth; l++) {
+            vf *z = pre + (a - acts);
+            long count = (long)widths[l] * nc;
             dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act,
-                  layer_params(act_params, s_off, p, l, lp), a,
-                  pre + (a - acts));
-            h = a, in = widths[l], a += (long)widths[l] * nc;
+                  layer_params(act_params, s_off, p, l, lp), a, z);
+            if (res != NULL && res[l]) {
+                if (!NEEDS_Z(act)) memcpy(z, a, count * sizeof(vf));
+                add_shortcut(a, h, count);
+            }
+            h = a, in = widths[l], a += count;
         }
         dense(p + w_off[depth], p + b_off[depth], h, in, n_out, nc, ACT_NONE, act_params, out,
               NULL);
         loss[k] = loss_grad(out, target, label, real, n_out, nc, n, g1);
 
-        /* backward: g1 holds the gradient wrt the pre-activation of the layer above h */
-        dense_grad(g1, h, in, n_out, nc, gk + w_off[depth], gk + b_off[depth]);
-        if (depth > 0)
-            back_through(p + w_off[depth], g1, h, pre + (h - acts), act,
-                         layer_params(act_params, s_off, p, depth - 1, lp), real,
-                         s_off ? gk + s_off[depth - 1] : NULL, in, n_out, nc, g2);
-        for (int l = depth - 1; l >= 0; l--) {
-            int w = widths[l];
-            a -= (long)w * nc; /* this layer's output; g2: the gradient wrt its input */
-            const vf *below = l > 0 ? a - (long)widths[l - 1] * nc : h0;
-            int in_l = l > 0 ? widths[l - 1] : d;
-            dense_grad(g2, below, in_l, w, nc, gk + w_off[l], gk + b_off[l]);
-            if (l > 0) {
-                back_through(p + w_off[l], g2, below, pre + (below - acts), act,
-                             layer_params(act_params, s_off, p, l - 1, lp), real,
-                             s_off ? gk + s_off[l - 1] : NULL, in_l, w, nc, g1);
-                vf *t = g1; g1 = g2; g2 = t;
+        /* backward, layer l from the head (l = depth) down. gz: the gradient wrt layer l's
+         * pre-activation. Where a block is residual, the gradient wrt its output (G) passes
+         * down its shortcut whole, so it is kept: G_{l-1} = W_l^T gz + G_l. */
+        vf *gz = g1, *g_below = g2;
+        const vf *top = a; /* the end of layer l's outputs in acts */
+        for (int l = depth; l >= 0; l--) {
+            int w = l == depth ? n_out : widths[l], in_l = l > 0 ? widths[l - 1] : d;
+            const vf *below = l > 0 ? top - (long)in_l * nc : h0; /* layer l's input */
+            dense_grad(gz, below, in_l, w, nc, gk + w_off[l], gk + b_off[l]);
+            if (l == 0) break;
+            int shortcut = res != NULL && l < depth && res[l];  /* G_l passes down */
+            int keep = res != NULL && res[l - 1];               /* G_{l-1} will */
+            const vf *z = pre + (below - acts);
+            const vf *a_out = keep && !NEEDS_Z(act) ? z : below; /* its activation's output */
+            const float *params = layer_params(act_params, s_off, p, l - 1, lp);
+            float *slope_grad = s_off ? gk + s_off[l - 1] : NULL;
+            if (!shortcut && !keep) {
+                back_through(p + w_off[l], gz, a_out, z, act, params, real, slope_grad, in_l, w,
+                             nc, g_below);
+            } else {
+                dense_back(p + w_off[l], gz, a_out, z, ACT_NONE, params, in_l, w, nc, G_new);
+                if (shortcut) add_shortcut(G_new, G, (long)in_l * nc);
+                act_back_pass(act, params, G_new, a_out, z, real, slope_grad, in_l, nc, g_below);
+                vf *t = G; G = G_new; G_new = t;
             }
+            vf *t = gz; gz = g_below; g_below = t;
+            top = below;
         }
     }
 #if defined(__SSE__)
@@ -839,8 +875,10 @@ static void *run_part(void *arg) {
  * w_off[l] and its bias at b_off[l]; widths[l] is its output size; hidden layers apply
  * activation act (ACT_*) with parameters act_params[0..1], except prelu, whose slope is a
  * parameter of its own in each hidden layer l, at flat offset s_off[l] (s_off is NULL for
- * other activations). X is (d, n), shared, or (K, d, n) when x_per_model; y is (n) or
- * (K, n) int64 class labels. Returns 0, or -1 when scratch memory could not be allocated.
+ * other activations). Where res is not NULL, hidden layer l with res[l] != 0 is a residual
+ * block (its input added to its output; it has as many units as inputs). X is (d, n),
+ * shared, or (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0,
+ * or -1 when scratch memory could not be allocated.
  *
  * threads: the models are split into that many runs of consecutive models (at most K), each
  * on a thread of its own (the calling thread takes the first) with scratch memory of its
@@ -850,9 +888,9 @@ int widedeep_mlp_step(int threads, int K, int d, int n, int depth, const int *wi
                       int n_out, int act, const float *act_params,
                       const float *flat, long P, const long *w_off, const long *b_off,
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
-                      const long *s_off, float *loss, float *grad) {
+                      const long *s_off, const int *res, float *loss, float *grad) {
     struct step s = {.d = d, .n = n, .depth = depth, .n_out = n_out, .act = act,
-                     .widths = widths, .act_params = act_params, .flat = flat, .P = P,
+                     .widths = widths, .res = res, .act_params = act_params, .flat = flat, .P = P,
                      .w_off = w_off, .b_off = b_off, .s_off = s_off, .X = X,
                      .x_per_model = x_per_model, .y_per_model = y_per_model, .y = y,
                      .loss = loss, .grad = grad};

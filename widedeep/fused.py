@@ -149,7 +149,7 @@ def _load(path: Path) -> ctypes.CDLL:
                   c_int, ptr,  # act act_params
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
-                  ptr, ptr, ptr]  # s_off loss grad
+                  ptr, ptr, ptr, ptr]  # s_off res loss grad
     f.restype = c_int
     f = lib.widedeep_opt_step
     f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
@@ -230,18 +230,19 @@ class FusedStep:
         self._b_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.bias"] for n in layers])
         slopes = [offsets[n] for n in _slopes(layout)]  # prelu's, one per hidden layer
         self._s_off = (ctypes.c_long * len(slopes))(*slopes) if slopes else None
+        self._res = (ctypes.c_int * layout.depth)(*layout.residual) if any(layout.residual) \
+            else None
 
     @classmethod
     def create(cls, layout: Layout, device: torch.device, models: int) -> FusedStep | None:
         """A step for ``models`` stacked nets of ``layout`` on ``device``, or None when the
         fused step does not apply (not CPU, fewer models than torch's threads, normalisation,
-        residual blocks, dropout, an activation it lacks, too wide) or is not available (see
-        :func:`status`)."""
+        dropout, an activation it lacks, too wide) or is not available (see :func:`status`)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
         plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
                                       for p in ("weight", "bias")} | set(_slopes(layout))
-        if (device.type != "cpu" or not plain or any(layout.residual) or layout.dropout
+        if (device.type != "cpu" or not plain or layout.dropout
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
         # NOTE: the kernel splits the models between torch's threads (as many as the run gave
@@ -270,10 +271,9 @@ class FusedStep:
         K = flat.shape[0]
         loss, grad = torch.empty(K), torch.empty(K, self.n_params)
         code = self.fn(torch.get_num_threads(), K, self.d, X.shape[-1], self.depth, self._widths,
-                       self.n_out, self.act,
-                       self._act_params, flat.data_ptr(), self.n_params, self._w_off, self._b_off,
-                       X.data_ptr(), X.dim() == 3, y.data_ptr(), y.dim() == 2, self._s_off,
-                       loss.data_ptr(), grad.data_ptr())
+                       self.n_out, self.act, self._act_params, flat.data_ptr(), self.n_params,
+                       self._w_off, self._b_off, X.data_ptr(), X.dim() == 3, y.data_ptr(),
+                       y.dim() == 2, self._s_off, self._res, loss.data_ptr(), grad.data_ptr())
         if code != 0:
             raise MemoryError("the fused step could not allocate its scratch memory")
         return loss, grad
