@@ -93,6 +93,26 @@ def test_fused_gradients_of_residual_blocks_equal_autograd(activation, n_classes
 
 
 @needs_kernel
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
+@pytest.mark.parametrize("n_classes", [2, 3, 10])
+@pytest.mark.parametrize("cross", [False, True], ids=["wide", "wide-crossed"])
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "softmax"])
+def test_fused_gradients_of_wide_and_deep_equal_autograd(activation, cross, n_classes, shared):
+    """Wide & Deep: the wide part's logits (on the features, or on them and their products)
+    added to the deep part's, residual blocks in the deep part."""
+    trainer = _trainer(3, n_classes, activation=activation, widths=(6, 6, 9), residual=True,
+                       arch="widedeep", cross=cross)
+    assert trainer.layout.wide and isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(3, 77, n_classes, shared)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    wide = trainer.layout.views(grad)["wide.weight"]
+    assert wide.shape[-1] == D + (D * (D - 1) // 2 if cross else 0) and (wide != 0).all()
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "logsoftmax"])
 def test_fused_gradients_at_the_widest_layers_it_takes(activation):
     trainer = _trainer(2, 3, activation=activation, widths=(fused.MAX_WIDTH, fused.MAX_WIDTH))

@@ -737,7 +737,8 @@ struct step {
     long P;
     const long *w_off, *b_off, *s_off;
     const float *X;
-    int x_per_model, y_per_model;
+    int x_per_model, y_per_model, wide;
+    long wide_w, wide_b;
     const int64_t *y;
     float *loss, *grad;
 };
@@ -748,7 +749,9 @@ static int step_models(const struct step *s, int k0, int k1) {
     const int *widths = s->widths, *res = s->res;
     const float *act_params = s->act_params, *flat = s->flat, *X = s->X;
     const long P = s->P, *w_off = s->w_off, *b_off = s->b_off, *s_off = s->s_off;
-    const int x_per_model = s->x_per_model, y_per_model = s->y_per_model;
+    const int x_per_model = s->x_per_model, y_per_model = s->y_per_model, wide = s->wide;
+    /* the wide part's inputs: the features, then (crossed) their products two by two */
+    const int dw = wide == 0 ? 0 : wide == 1 ? d : d + d * (d - 1) / 2;
     const int64_t *y = s->y;
     float *loss = s->loss, *grad = s->grad;
     int nc = (n + V - 1) / V, maxw = d > n_out ? d : n_out;
@@ -761,7 +764,7 @@ static int step_models(const struct step *s, int k0, int k1) {
         hidden += widths[l];
         if (widths[l] > maxw) maxw = widths[l];
     }
-    long floats = ((long)d + 2 * hidden + n_out + 4L * maxw + 1) * nc * V;
+    long floats = ((long)(dw > d ? dw : d) + 2 * hidden + n_out + 4L * maxw + 1) * nc * V;
     size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     vf *buf = aligned_alloc(64, bytes + 2 * (size_t)nc * sizeof(vi));
     if (buf == NULL) return -1;
@@ -772,7 +775,7 @@ static int step_models(const struct step *s, int k0, int k1) {
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040); /* FTZ | DAZ */
 #endif
-    vf *h0 = buf, *acts = h0 + (long)d * nc, *pre = acts + hidden * nc, *out = pre + hidden * nc;
+    vf *h0 = buf, *acts = h0 + (long)(dw > d ? dw : d) * nc, *pre = acts + hidden * nc, *out = pre + hidden * nc;
     vf *g1 = out + (long)n_out * nc, *g2 = g1 + (long)maxw * nc, *G = g2 + (long)maxw * nc;
     vf *G_new = G + (long)maxw * nc, *target = G_new + (long)maxw * nc;
     vi *label = (vi *)((char *)buf + bytes), *real = label + nc;
@@ -790,6 +793,11 @@ static int step_models(const struct step *s, int k0, int k1) {
                 memcpy(row, xk + (long)i * n, n * sizeof(float));
                 memset(row + n, 0, ((long)nc * V - n) * sizeof(float));
             }
+            vf *cross = h0 + (long)d * nc; /* X[i] X[j], i < j, as widedeep.batched.wide_input */
+            for (int i = 0; wide == 2 && i < d; i++)
+                for (int j = i + 1; j < d; j++, cross += nc)
+                    for (int c = 0; c < nc; c++)
+                        cross[c] = h0[(long)i * nc + c] * h0[(long)j * nc + c];
         }
         if (k == k0 || y_per_model) {
             const int64_t *yk = y + (y_per_model ? (long)k * n : 0);
@@ -818,7 +826,13 @@ static int step_models(const struct step *s, int k0, int k1) {
         }
         dense(p + w_off[depth], p + b_off[depth], h, in, n_out, nc, ACT_NONE, act_params, out,
               NULL);
+        if (wide) { /* Wide & Deep: the wide part's logits, plus the deep part's */
+            dense(p + s->wide_w, p + s->wide_b, h0, dw, n_out, nc, ACT_NONE, act_params, g2,
+                  NULL);
+            add_shortcut(out, g2, (long)n_out * nc);
+        }
         loss[k] = loss_grad(out, target, label, real, n_out, nc, n, g1);
+        if (wide) dense_grad(g1, h0, dw, n_out, nc, gk + s->wide_w, gk + s->wide_b);
 
         /* backward, layer l from the head (l = depth) down. gz: the gradient wrt layer l's
          * pre-activation. Where a block is residual, the gradient wrt its output (G) passes
@@ -876,7 +890,9 @@ static void *run_part(void *arg) {
  * activation act (ACT_*) with parameters act_params[0..1], except prelu, whose slope is a
  * parameter of its own in each hidden layer l, at flat offset s_off[l] (s_off is NULL for
  * other activations). Where res is not NULL, hidden layer l with res[l] != 0 is a residual
- * block (its input added to its output; it has as many units as inputs). X is (d, n),
+ * block (its input added to its output; it has as many units as inputs). wide: 1 where a
+ * Wide & Deep model's wide part (weight at wide_w, bias at wide_b) adds its logits, on the
+ * features, 2 on the features and their products two by two; 0: none. X is (d, n),
  * shared, or (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0,
  * or -1 when scratch memory could not be allocated.
  *
@@ -888,11 +904,13 @@ int widedeep_mlp_step(int threads, int K, int d, int n, int depth, const int *wi
                       int n_out, int act, const float *act_params,
                       const float *flat, long P, const long *w_off, const long *b_off,
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
-                      const long *s_off, const int *res, float *loss, float *grad) {
+                      const long *s_off, const int *res, int wide, long wide_w, long wide_b,
+                      float *loss, float *grad) {
     struct step s = {.d = d, .n = n, .depth = depth, .n_out = n_out, .act = act,
                      .widths = widths, .res = res, .act_params = act_params, .flat = flat, .P = P,
                      .w_off = w_off, .b_off = b_off, .s_off = s_off, .X = X,
                      .x_per_model = x_per_model, .y_per_model = y_per_model, .y = y,
+                     .wide = wide, .wide_w = wide_w, .wide_b = wide_b,
                      .loss = loss, .grad = grad};
     if (threads > K) threads = K;
     if (threads > MAX_THREADS) threads = MAX_THREADS;

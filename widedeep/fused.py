@@ -149,7 +149,8 @@ def _load(path: Path) -> ctypes.CDLL:
                   c_int, ptr,  # act act_params
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
-                  ptr, ptr, ptr, ptr]  # s_off res loss grad
+                  ptr, ptr, c_int, c_long, c_long,  # s_off res wide wide_w wide_b
+                  ptr, ptr]  # loss grad
     f.restype = c_int
     f = lib.widedeep_opt_step
     f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
@@ -232,6 +233,9 @@ class FusedStep:
         self._s_off = (ctypes.c_long * len(slopes))(*slopes) if slopes else None
         self._res = (ctypes.c_int * layout.depth)(*layout.residual) if any(layout.residual) \
             else None
+        # Wide & Deep: 1, a wide part on the features; 2, on them and their products
+        self._wide = (2 if layout.cross else 1) if layout.wide else 0
+        self._wide_off = (offsets["wide.weight"], offsets["wide.bias"]) if layout.wide else (0, 0)
 
     @classmethod
     def create(cls, layout: Layout, device: torch.device, models: int) -> FusedStep | None:
@@ -240,8 +244,9 @@ class FusedStep:
         dropout, an activation it lacks, too wide) or is not available (see :func:`status`)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
+        wide = {"wide.weight", "wide.bias"} if layout.wide else set()
         plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
-                                      for p in ("weight", "bias")} | set(_slopes(layout))
+                                      for p in ("weight", "bias")} | set(_slopes(layout)) | wide
         if (device.type != "cpu" or not plain or layout.dropout
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
@@ -273,7 +278,8 @@ class FusedStep:
         code = self.fn(torch.get_num_threads(), K, self.d, X.shape[-1], self.depth, self._widths,
                        self.n_out, self.act, self._act_params, flat.data_ptr(), self.n_params,
                        self._w_off, self._b_off, X.data_ptr(), X.dim() == 3, y.data_ptr(),
-                       y.dim() == 2, self._s_off, self._res, loss.data_ptr(), grad.data_ptr())
+                       y.dim() == 2, self._s_off, self._res, self._wide, *self._wide_off,
+                       loss.data_ptr(), grad.data_ptr())
         if code != 0:
             raise MemoryError("the fused step could not allocate its scratch memory")
         return loss, grad
