@@ -113,6 +113,32 @@ def test_fused_gradients_of_wide_and_deep_equal_autograd(activation, cross, n_cl
 
 
 @needs_kernel
+@pytest.mark.parametrize("arch", ["mlp", "widedeep"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", ["relu", "selu", "sigmoid", "prelu", "softmax"])
+def test_fused_dropout_draws_the_masks_autograd_draws(activation, residual, arch):
+    """Dropout (alpha dropout after selu): each model's masks drawn from its own stream, layer
+    by layer, as the other steps draw them (the middle model is evaluated: no dropout)."""
+    trainer = _trainer(3, 3, activation=activation, widths=(7, 7, 16), residual=residual,
+                       dropout=0.3, arch=arch)
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(3, 77, 3, shared=True)
+
+    def streams():
+        return [torch.Generator().manual_seed(10), None, torch.Generator().manual_seed(12)]
+
+    with trainer.act.drawing(streams()):
+        loss, grad = trainer.manual(trainer.flat, X, y)
+    with trainer.act.drawing(streams()):
+        want_loss, want_grad = trainer.autograd(Data(X, y))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    with trainer.act.drawing(None):  # no streams: evaluated, nothing dropped
+        undropped, _ = trainer.manual(trainer.flat, X, y)
+    assert (undropped != loss).tolist() == [True, False, True]
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "logsoftmax"])
 def test_fused_gradients_at_the_widest_layers_it_takes(activation):
     trainer = _trainer(2, 3, activation=activation, widths=(fused.MAX_WIDTH, fused.MAX_WIDTH))
@@ -163,12 +189,12 @@ def test_a_nan_weight_spoils_its_own_model_as_in_torch(activation):
 
 
 @pytest.mark.parametrize("options", [
-    dict(activation="tanh", dropout=0.1),
+    dict(activation="rrelu"),
     dict(activation="tanh", norm="layer"), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
-], ids=["dropout", "layer-norm", "too-wide"])
+], ids=["rrelu", "layer-norm", "too-wide"])
 def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
     trainer = _trainer(2, 2, **options)
-    assert fused.FusedStep.create(trainer.layout, trainer.flat.device, 2) is None
+    assert fused.FusedStep.create(trainer.layout, trainer.flat.device, 2, trainer.act) is None
     assert not isinstance(trainer.manual, fused.FusedStep)
 
 

@@ -712,16 +712,31 @@ static void back_through(const float *W, const vf *g, const vf *a, const vf *pre
 }
 
 /* The gradient wrt a hidden layer's pre-activation into out (width, nc), from the gradient
- * G wrt its activation's output: act'(.) * G, from that output a and (NEEDS_Z) its input z;
- * prelu's slope gradient into *slope_grad. The unfused twin of back_through's activation
- * part, for where G is needed whole (residual blocks). */
-static void act_back_pass(int act, const float *params, const vf *G, const vf *a, const vf *z,
-                          const vi *real, float *slope_grad, int width, int nc, vf *out) {
-    memcpy(out, G, (size_t)width * nc * sizeof(vf));
+ * G wrt its block's output: act'(.) * (G * factor), factor being dropout's (NULL: none),
+ * from the activation's output a and (NEEDS_Z) its input z; prelu's slope gradient into
+ * *slope_grad. The unfused twin of back_through's activation part, for where G is needed
+ * whole (residual blocks) or dropout comes between. */
+static void act_back_pass(int act, const float *params, const vf *G, const vf *factor,
+                          const vf *a, const vf *z, const vi *real, float *slope_grad,
+                          int width, int nc, vf *out) {
+    long count = (long)width * nc;
+    if (factor != NULL)
+        for (long i = 0; i < count; i++) out[i] = G[i] * factor[i];
+    else
+        memcpy(out, G, count * sizeof(vf));
     if (act == ACT_PRELU)
         *slope_grad = prelu_back(out, z, real, params[0], width, nc);
     else
         apply(1, act, params, out, (vf *)z, a, width, nc, 0, nc);
+}
+
+/* rows (rows, n) floats, one after another, into dst as rows of nc vectors (zero padded) */
+static void load_rows(vf *dst, const float *src, int rows, int n, int nc) {
+    for (int r = 0; r < rows; r++) {
+        float *row = (float *)(dst + (long)r * nc);
+        memcpy(row, src + (long)r * n, n * sizeof(float));
+        memset(row + n, 0, ((long)nc * V - n) * sizeof(float));
+    }
 }
 
 /* y += x over count vectors, as x + y: a residual block's shortcut. */
@@ -736,7 +751,7 @@ struct step {
     const float *act_params, *flat;
     long P;
     const long *w_off, *b_off, *s_off;
-    const float *X;
+    const float *X, *noise, *shift;
     int x_per_model, y_per_model, wide;
     long wide_w, wide_b;
     const int64_t *y;
@@ -748,6 +763,7 @@ static int step_models(const struct step *s, int k0, int k1) {
     const int d = s->d, n = s->n, depth = s->depth, n_out = s->n_out, act = s->act;
     const int *widths = s->widths, *res = s->res;
     const float *act_params = s->act_params, *flat = s->flat, *X = s->X;
+    const float *noise = s->noise, *shift = s->shift;
     const long P = s->P, *w_off = s->w_off, *b_off = s->b_off, *s_off = s->s_off;
     const int x_per_model = s->x_per_model, y_per_model = s->y_per_model, wide = s->wide;
     /* the wide part's inputs: the features, then (crossed) their products two by two */
@@ -764,7 +780,9 @@ static int step_models(const struct step *s, int k0, int k1) {
         hidden += widths[l];
         if (widths[l] > maxw) maxw = widths[l];
     }
-    long floats = ((long)(dw > d ? dw : d) + 2 * hidden + n_out + 4L * maxw + 1) * nc * V;
+    long dropped = noise != NULL ? hidden : 0; /* rows of dropout's factors */
+    long floats = ((long)(dw > d ? dw : d) + 2 * hidden + dropped + n_out + 4L * maxw + 1) * nc
+                  * V;
     size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     vf *buf = aligned_alloc(64, bytes + 2 * (size_t)nc * sizeof(vi));
     if (buf == NULL) return -1;
@@ -777,7 +795,8 @@ static int step_models(const struct step *s, int k0, int k1) {
 #endif
     vf *h0 = buf, *acts = h0 + (long)(dw > d ? dw : d) * nc, *pre = acts + hidden * nc, *out = pre + hidden * nc;
     vf *g1 = out + (long)n_out * nc, *g2 = g1 + (long)maxw * nc, *G = g2 + (long)maxw * nc;
-    vf *G_new = G + (long)maxw * nc, *target = G_new + (long)maxw * nc;
+    vf *G_new = G + (long)maxw * nc, *drop = G_new + (long)maxw * nc;
+    vf *target = drop + dropped * nc;
     vi *label = (vi *)((char *)buf + bytes), *real = label + nc;
     for (int c = 0; c < nc; c++)
         for (int r = 0; r < V; r++) real[c][r] = c * V + r < n ? -1 : 0;
@@ -807,9 +826,10 @@ static int step_models(const struct step *s, int k0, int k1) {
                 ((int32_t *)label)[r] = v;
             }
         }
-        /* forward: acts holds each hidden layer's output (a residual block's: its input
-         * added); pre, what the backward pass needs of the activation: its input where
-         * NEEDS_Z, else, in a residual block, its output before the shortcut */
+        /* forward: acts holds each hidden layer's output (a block's: after dropout, its
+         * input added where it is residual); pre, what the backward pass needs of the
+         * activation: its input where NEEDS_Z, else, where dropout or a shortcut follows,
+         * its output; drop, dropout's factors (its mask, scaled) */
         const vf *h = h0;
         int in = d;
         vf *a = acts;
@@ -818,10 +838,20 @@ static int step_models(const struct step *s, int k0, int k1) {
             long count = (long)widths[l] * nc;
             dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act,
                   layer_params(act_params, s_off, p, l, lp), a, z);
-            if (res != NULL && res[l]) {
-                if (!NEEDS_Z(act)) memcpy(z, a, count * sizeof(vf));
-                add_shortcut(a, h, count);
+            int shortcut = res != NULL && res[l];
+            if ((shortcut || noise != NULL) && !NEEDS_Z(act)) memcpy(z, a, count * sizeof(vf));
+            if (noise != NULL) { /* a * factor (+ shift, alpha dropout), as torch */
+                long first = ((long)k * hidden + (a - acts) / nc) * n; /* unit's row */
+                vf *factor = drop + (a - acts);
+                load_rows(factor, noise + first, widths[l], n, nc);
+                if (shift != NULL) {
+                    load_rows(G_new, shift + first, widths[l], n, nc);
+                    for (long i = 0; i < count; i++) a[i] = a[i] * factor[i] + G_new[i];
+                } else {
+                    for (long i = 0; i < count; i++) a[i] = a[i] * factor[i];
+                }
             }
+            if (shortcut) add_shortcut(a, h, count);
             h = a, in = widths[l], a += count;
         }
         dense(p + w_off[depth], p + b_off[depth], h, in, n_out, nc, ACT_NONE, act_params, out,
@@ -847,16 +877,18 @@ static int step_models(const struct step *s, int k0, int k1) {
             int shortcut = res != NULL && l < depth && res[l];  /* G_l passes down */
             int keep = res != NULL && res[l - 1];               /* G_{l-1} will */
             const vf *z = pre + (below - acts);
-            const vf *a_out = keep && !NEEDS_Z(act) ? z : below; /* its activation's output */
+            /* its activation's output */
+            const vf *a_out = (keep || noise != NULL) && !NEEDS_Z(act) ? z : below;
             const float *params = layer_params(act_params, s_off, p, l - 1, lp);
             float *slope_grad = s_off ? gk + s_off[l - 1] : NULL;
-            if (!shortcut && !keep) {
+            if (!shortcut && !keep && noise == NULL) {
                 back_through(p + w_off[l], gz, a_out, z, act, params, real, slope_grad, in_l, w,
                              nc, g_below);
             } else {
                 dense_back(p + w_off[l], gz, a_out, z, ACT_NONE, params, in_l, w, nc, G_new);
                 if (shortcut) add_shortcut(G_new, G, (long)in_l * nc);
-                act_back_pass(act, params, G_new, a_out, z, real, slope_grad, in_l, nc, g_below);
+                act_back_pass(act, params, G_new, noise ? drop + (below - acts) : NULL, a_out, z,
+                              real, slope_grad, in_l, nc, g_below);
                 vf *t = G; G = G_new; G_new = t;
             }
             vf *t = gz; gz = g_below; g_below = t;
@@ -892,7 +924,9 @@ static void *run_part(void *arg) {
  * other activations). Where res is not NULL, hidden layer l with res[l] != 0 is a residual
  * block (its input added to its output; it has as many units as inputs). wide: 1 where a
  * Wide & Deep model's wide part (weight at wide_w, bias at wide_b) adds its logits, on the
- * features, 2 on the features and their products two by two; 0: none. X is (d, n),
+ * features, 2 on the features and their products two by two; 0: none. Where noise is not
+ * NULL, dropout follows each hidden activation: its output times noise, plus shift (alpha
+ * dropout; else NULL), both (K, hidden units, n), drawn by the caller. X is (d, n),
  * shared, or (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0,
  * or -1 when scratch memory could not be allocated.
  *
@@ -905,12 +939,13 @@ int widedeep_mlp_step(int threads, int K, int d, int n, int depth, const int *wi
                       const float *flat, long P, const long *w_off, const long *b_off,
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
                       const long *s_off, const int *res, int wide, long wide_w, long wide_b,
-                      float *loss, float *grad) {
+                      const float *noise, const float *shift, float *loss, float *grad) {
     struct step s = {.d = d, .n = n, .depth = depth, .n_out = n_out, .act = act,
                      .widths = widths, .res = res, .act_params = act_params, .flat = flat, .P = P,
                      .w_off = w_off, .b_off = b_off, .s_off = s_off, .X = X,
                      .x_per_model = x_per_model, .y_per_model = y_per_model, .y = y,
-                     .wide = wide, .wide_w = wide_w, .wide_b = wide_b,
+                     .wide = wide, .wide_w = wide_w, .wide_b = wide_b, .noise = noise,
+                     .shift = shift,
                      .loss = loss, .grad = grad};
     if (threads > K) threads = K;
     if (threads > MAX_THREADS) threads = MAX_THREADS;

@@ -212,9 +212,21 @@ def dropout(a: torch.Tensor, p: float, alpha: bool, generators: list[torch.Gener
     and scaled by the same operations, so every entry equals the plain loop's.
     """
     K, width, n = a.shape
+    noise, shift = dropout_masks(width, n, p, alpha, generators, a.device)
+    out = a * noise
+    if alpha:
+        out = out + shift
+    return out, noise
+
+
+def dropout_masks(width: int, n: int, p: float, alpha: bool,
+                  generators: list[torch.Generator | None], device: torch.device,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What :func:`dropout` applies to a (K, width, n), one model per generator: the factor
+    (K, width, n) and, for alpha dropout, the shift added after it (else None)."""
     noises, shifts = [], []
     for g in generators:
-        noise = torch.empty(n, width, device=a.device)  # the plain loop's (batch, width)
+        noise = torch.empty(n, width, device=device)  # the plain loop's (batch, width)
         if g is None:
             noises.append(noise.fill_(1.0)), shifts.append(torch.zeros_like(noise))
             continue
@@ -226,11 +238,8 @@ def dropout(a: torch.Tensor, p: float, alpha: bool, generators: list[torch.Gener
         else:
             noise.div_(1 - p)
         noises.append(noise)
-    noise = torch.stack(noises).transpose(1, 2)
-    out = a * noise
-    if alpha:
-        out = out + torch.stack(shifts).transpose(1, 2)
-    return out, noise
+    shift = torch.stack(shifts).transpose(1, 2) if alpha else None
+    return torch.stack(noises).transpose(1, 2), shift
 
 
 def prelu(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ class Trainer:
             self.generators = [torch.Generator().set_state(s) for s in states]
         # Small nets: one compiled call; else gradients written out in torch ops where the
         # layout allows; else autograd.
-        self.manual = (FusedStep.create(self.layout, self.flat.device, len(self.flat))
+        self.manual = (FusedStep.create(self.layout, self.flat.device, len(self.flat), self.act)
                        or ManualStep.create(self.layout, self.act))
 
     def losses(self, flat: torch.Tensor, data: Data, trace: list | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from widedeep.activations import get_activation, list_activations
-from widedeep.batched import Layout
+from widedeep.batched import Layout, StackedActivation, dropout_masks
 
 SOURCE = Path(__file__).with_name("_fused.c")
 # The activation codes of _fused.c (ACT_*), and the parameters each passes to it.
@@ -150,7 +150,7 @@ def _load(path: Path) -> ctypes.CDLL:
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
                   ptr, ptr, c_int, c_long, c_long,  # s_off res wide wide_w wide_b
-                  ptr, ptr]  # loss grad
+                  ptr, ptr, ptr, ptr]  # noise shift loss grad
     f.restype = c_int
     f = lib.widedeep_opt_step
     f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
@@ -214,8 +214,10 @@ def _slopes(layout: Layout) -> list[str]:
 class FusedStep:
     """Per-model losses and gradients of K stacked MLPs, from the compiled step."""
 
-    def __init__(self, layout: Layout, lib: ctypes.CDLL):
+    def __init__(self, layout: Layout, lib: ctypes.CDLL, act: StackedActivation):
         self.fn = lib.widedeep_mlp_step
+        # dropout: its masks come from act's per-model streams, drawn before the call
+        self.stacked_act, self.dropout = act, layout.dropout
         module = get_activation(layout.activation).create()
         code, p0, p1 = _code_of(module)
         self.act, self._act_params = code, (ctypes.c_float * 2)(p0, p1)
@@ -238,16 +240,18 @@ class FusedStep:
         self._wide_off = (offsets["wide.weight"], offsets["wide.bias"]) if layout.wide else (0, 0)
 
     @classmethod
-    def create(cls, layout: Layout, device: torch.device, models: int) -> FusedStep | None:
-        """A step for ``models`` stacked nets of ``layout`` on ``device``, or None when the
-        fused step does not apply (not CPU, fewer models than torch's threads, normalisation,
-        dropout, an activation it lacks, too wide) or is not available (see :func:`status`)."""
+    def create(cls, layout: Layout, device: torch.device, models: int,
+               act: StackedActivation) -> FusedStep | None:
+        """A step for ``models`` stacked nets of ``layout`` on ``device`` whose activation
+        (and the streams of its dropout masks) is ``act``, or None when the fused step does
+        not apply (not CPU, fewer models than torch's threads, normalisation, an activation
+        it lacks, too wide) or is not available (see :func:`status`)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
         wide = {"wide.weight", "wide.bias"} if layout.wide else set()
         plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
                                       for p in ("weight", "bias")} | set(_slopes(layout)) | wide
-        if (device.type != "cpu" or not plain or layout.dropout
+        if (device.type != "cpu" or not plain
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
         # NOTE: the kernel splits the models between torch's threads (as many as the run gave
@@ -256,7 +260,7 @@ class FusedStep:
         if models < torch.get_num_threads():
             return None
         lib = library()
-        return cls(layout, lib) if lib is not None else None
+        return cls(layout, lib, act) if lib is not None else None
 
     def __call__(self, flat: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,12 +278,28 @@ class FusedStep:
         if y.dtype != torch.int64 or not y.is_contiguous():
             y = y.to(torch.int64).contiguous()
         K = flat.shape[0]
+        noise, shift = self._dropout_masks(X.shape[-1])
         loss, grad = torch.empty(K), torch.empty(K, self.n_params)
         code = self.fn(torch.get_num_threads(), K, self.d, X.shape[-1], self.depth, self._widths,
                        self.n_out, self.act, self._act_params, flat.data_ptr(), self.n_params,
                        self._w_off, self._b_off, X.data_ptr(), X.dim() == 3, y.data_ptr(),
                        y.dim() == 2, self._s_off, self._res, self._wide, *self._wide_off,
+                       noise.data_ptr() if noise is not None else None,
+                       shift.data_ptr() if shift is not None else None,
                        loss.data_ptr(), grad.data_ptr())
         if code != 0:
             raise MemoryError("the fused step could not allocate its scratch memory")
         return loss, grad
+
+    def _dropout_masks(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Dropout's factors and (alpha dropout) shifts of every hidden layer, (K, hidden
+        units, n) each, drawn layer by layer from each model's stream as the torch-ops step
+        draws them; None where there is no dropout, or no streams (evaluation)."""
+        generators = self.stacked_act.generators
+        if not self.dropout or generators is None:
+            return None, None
+        alpha = self.stacked_act.spec.name == "selu"
+        masks = [dropout_masks(w, n, self.dropout, alpha, generators, torch.device("cpu"))
+                 for w in self._widths]
+        noise = torch.cat([m[0] for m in masks], 1)
+        return noise, torch.cat([m[1] for m in masks], 1) if alpha else None
