@@ -739,6 +739,65 @@ static void load_rows(vf *dst, const float *src, int rows, int n, int nc) {
     }
 }
 
+#define LN_EPS 1e-5f /* torch's LayerNorm default */
+
+static inline vf v_sqrt(vf x) { /* vsqrtps where the CPU has it (-fno-math-errno) */
+    vf r;
+    for (int i = 0; i < V; i++) r[i] = sqrtf(x[i]);
+    return r;
+}
+
+/* Layer norm over the width units of each row, in place on z (width, nc), as torch's
+ * LayerNorm (biased variance, eps 1e-5): (z - mean) / sqrt(var + eps) into xhat, that
+ * 1 / sqrt(var + eps) per row into rstd (nc), and xhat * gamma + beta into z. */
+static void ln_forward(vf *z, vf *xhat, vf *rstd, const float *gamma, const float *beta,
+                       int width, int nc) {
+    float inv_w = 1.0f / (float)width;
+    for (long c = 0; c < nc; c++) {
+        vf sum = splat(0.0f), var = splat(0.0f);
+        for (int o = 0; o < width; o++) sum += z[(long)o * nc + c];
+        vf mean = sum * inv_w;
+        for (int o = 0; o < width; o++) {
+            vf dev = z[(long)o * nc + c] - mean;
+            var += dev * dev;
+        }
+        vf r = 1.0f / v_sqrt(var * inv_w + LN_EPS);
+        rstd[c] = r;
+        for (int o = 0; o < width; o++) {
+            long at = (long)o * nc + c;
+            vf x = (z[at] - mean) * r;
+            xhat[at] = x;
+            z[at] = x * gamma[o] + beta[o];
+        }
+    }
+}
+
+/* Layer norm's backward, in place on g (width, nc): the gradient wrt its output becomes the
+ * gradient wrt its input; gamma's and beta's gradients (sums over the rows: padded ones
+ * carry zeros) into dgamma and dbeta. */
+static void ln_backward(vf *g, const vf *xhat, const vf *rstd, const float *gamma, int width,
+                        int nc, float *dgamma, float *dbeta) {
+    for (int o = 0; o < width; o++) {
+        dgamma[o] = dot(g + (long)o * nc, xhat + (long)o * nc, nc);
+        dbeta[o] = total(g + (long)o * nc, nc);
+    }
+    float inv_w = 1.0f / (float)width;
+    for (long c = 0; c < nc; c++) {
+        vf m1 = splat(0.0f), m2 = splat(0.0f);
+        for (int o = 0; o < width; o++) {
+            long at = (long)o * nc + c;
+            vf gx = g[at] * gamma[o];
+            m1 += gx;
+            m2 += gx * xhat[at];
+        }
+        m1 *= inv_w, m2 *= inv_w;
+        for (int o = 0; o < width; o++) {
+            long at = (long)o * nc + c;
+            g[at] = rstd[c] * ((g[at] * gamma[o] - m1) - xhat[at] * m2);
+        }
+    }
+}
+
 /* y += x over count vectors, as x + y: a residual block's shortcut. */
 static void add_shortcut(vf *y, const vf *x, long count) {
     for (long i = 0; i < count; i++) y[i] = x[i] + y[i];
@@ -750,7 +809,7 @@ struct step {
     const int *widths, *res;
     const float *act_params, *flat;
     long P;
-    const long *w_off, *b_off, *s_off;
+    const long *w_off, *b_off, *s_off, *ln_off;
     const float *X, *noise, *shift;
     int x_per_model, y_per_model, wide;
     long wide_w, wide_b;
@@ -765,6 +824,7 @@ static int step_models(const struct step *s, int k0, int k1) {
     const float *act_params = s->act_params, *flat = s->flat, *X = s->X;
     const float *noise = s->noise, *shift = s->shift;
     const long P = s->P, *w_off = s->w_off, *b_off = s->b_off, *s_off = s->s_off;
+    const long *ln_off = s->ln_off; /* layer norm's gamma and beta of layer l: 2 l, 2 l + 1 */
     const int x_per_model = s->x_per_model, y_per_model = s->y_per_model, wide = s->wide;
     /* the wide part's inputs: the features, then (crossed) their products two by two */
     const int dw = wide == 0 ? 0 : wide == 1 ? d : d + d * (d - 1) / 2;
@@ -781,8 +841,9 @@ static int step_models(const struct step *s, int k0, int k1) {
         if (widths[l] > maxw) maxw = widths[l];
     }
     long dropped = noise != NULL ? hidden : 0; /* rows of dropout's factors */
-    long floats = ((long)(dw > d ? dw : d) + 2 * hidden + dropped + n_out + 4L * maxw + 1) * nc
-                  * V;
+    long normed = ln_off != NULL ? hidden + depth : 0; /* layer norm's xhat and rstd rows */
+    long floats = ((long)(dw > d ? dw : d) + 2 * hidden + dropped + normed + n_out + 4L * maxw
+                   + 1) * nc * V;
     size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     vf *buf = aligned_alloc(64, bytes + 2 * (size_t)nc * sizeof(vi));
     if (buf == NULL) return -1;
@@ -793,10 +854,12 @@ static int step_models(const struct step *s, int k0, int k1) {
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040); /* FTZ | DAZ */
 #endif
-    vf *h0 = buf, *acts = h0 + (long)(dw > d ? dw : d) * nc, *pre = acts + hidden * nc, *out = pre + hidden * nc;
+    vf *h0 = buf, *acts = h0 + (long)(dw > d ? dw : d) * nc, *pre = acts + hidden * nc;
+    vf *out = pre + hidden * nc;
     vf *g1 = out + (long)n_out * nc, *g2 = g1 + (long)maxw * nc, *G = g2 + (long)maxw * nc;
     vf *G_new = G + (long)maxw * nc, *drop = G_new + (long)maxw * nc;
-    vf *target = drop + dropped * nc;
+    vf *xhat = drop + dropped * nc, *rstd = xhat + (ln_off ? hidden : 0) * nc;
+    vf *target = xhat + normed * nc;
     vi *label = (vi *)((char *)buf + bytes), *real = label + nc;
     for (int c = 0; c < nc; c++)
         for (int r = 0; r < V; r++) real[c][r] = c * V + r < n ? -1 : 0;
@@ -836,8 +899,16 @@ static int step_models(const struct step *s, int k0, int k1) {
         for (int l = 0; l < depth; l++) {
             vf *z = pre + (a - acts);
             long count = (long)widths[l] * nc;
-            dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act,
-                  layer_params(act_params, s_off, p, l, lp), a, z);
+            const float *params = layer_params(act_params, s_off, p, l, lp);
+            if (ln_off != NULL) { /* Linear, layer norm, then the activation */
+                dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, ACT_NONE, params, a,
+                      NULL);
+                ln_forward(a, xhat + (a - acts), rstd + (long)l * nc, p + ln_off[2 * l],
+                           p + ln_off[2 * l + 1], widths[l], nc);
+                apply(0, act, params, a, z, NULL, widths[l], nc, 0, nc);
+            } else {
+                dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act, params, a, z);
+            }
             int shortcut = res != NULL && res[l];
             if ((shortcut || noise != NULL) && !NEEDS_Z(act)) memcpy(z, a, count * sizeof(vf));
             if (noise != NULL) { /* a * factor (+ shift, alpha dropout), as torch */
@@ -868,10 +939,14 @@ static int step_models(const struct step *s, int k0, int k1) {
          * pre-activation. Where a block is residual, the gradient wrt its output (G) passes
          * down its shortcut whole, so it is kept: G_{l-1} = W_l^T gz + G_l. */
         vf *gz = g1, *g_below = g2;
-        const vf *top = a; /* the end of layer l's outputs in acts */
+        const vf *top = a; /* where layer l's outputs start in acts (the head's: the end) */
         for (int l = depth; l >= 0; l--) {
             int w = l == depth ? n_out : widths[l], in_l = l > 0 ? widths[l - 1] : d;
             const vf *below = l > 0 ? top - (long)in_l * nc : h0; /* layer l's input */
+            if (ln_off != NULL && l < depth) { /* gz: wrt layer norm's output, then input */
+                ln_backward(gz, xhat + (top - acts), rstd + (long)l * nc, p + ln_off[2 * l], w,
+                            nc, gk + ln_off[2 * l], gk + ln_off[2 * l + 1]);
+            }
             dense_grad(gz, below, in_l, w, nc, gk + w_off[l], gk + b_off[l]);
             if (l == 0) break;
             int shortcut = res != NULL && l < depth && res[l];  /* G_l passes down */
@@ -926,7 +1001,9 @@ static void *run_part(void *arg) {
  * Wide & Deep model's wide part (weight at wide_w, bias at wide_b) adds its logits, on the
  * features, 2 on the features and their products two by two; 0: none. Where noise is not
  * NULL, dropout follows each hidden activation: its output times noise, plus shift (alpha
- * dropout; else NULL), both (K, hidden units, n), drawn by the caller. X is (d, n),
+ * dropout; else NULL), both (K, hidden units, n), drawn by the caller. Where ln_off is not
+ * NULL, layer norm (gamma at ln_off[2 l], beta at ln_off[2 l + 1]) comes between each hidden
+ * layer's product and its activation. X is (d, n),
  * shared, or (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0,
  * or -1 when scratch memory could not be allocated.
  *
@@ -939,13 +1016,14 @@ int widedeep_mlp_step(int threads, int K, int d, int n, int depth, const int *wi
                       const float *flat, long P, const long *w_off, const long *b_off,
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
                       const long *s_off, const int *res, int wide, long wide_w, long wide_b,
-                      const float *noise, const float *shift, float *loss, float *grad) {
+                      const float *noise, const float *shift, const long *ln_off,
+                      float *loss, float *grad) {
     struct step s = {.d = d, .n = n, .depth = depth, .n_out = n_out, .act = act,
                      .widths = widths, .res = res, .act_params = act_params, .flat = flat, .P = P,
                      .w_off = w_off, .b_off = b_off, .s_off = s_off, .X = X,
                      .x_per_model = x_per_model, .y_per_model = y_per_model, .y = y,
                      .wide = wide, .wide_w = wide_w, .wide_b = wide_b, .noise = noise,
-                     .shift = shift,
+                     .shift = shift, .ln_off = ln_off,
                      .loss = loss, .grad = grad};
     if (threads > K) threads = K;
     if (threads > MAX_THREADS) threads = MAX_THREADS;

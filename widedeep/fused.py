@@ -150,7 +150,7 @@ def _load(path: Path) -> ctypes.CDLL:
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
                   ptr, ptr, c_int, c_long, c_long,  # s_off res wide wide_w wide_b
-                  ptr, ptr, ptr, ptr]  # noise shift loss grad
+                  ptr, ptr, ptr, ptr, ptr]  # noise shift ln_off loss grad
     f.restype = c_int
     f = lib.widedeep_opt_step
     f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
@@ -211,6 +211,13 @@ def _slopes(layout: Layout) -> list[str]:
     return [f"blocks.{i}.activation.weight" for i in range(layout.depth)]
 
 
+def _norms(layout: Layout) -> list[str]:
+    """Layer norm's weight and bias of each hidden layer, in turn (none without it)."""
+    if layout.norm != "layer":
+        return []
+    return [f"blocks.{i}.norm.{p}" for i in range(layout.depth) for p in ("weight", "bias")]
+
+
 class FusedStep:
     """Per-model losses and gradients of K stacked MLPs, from the compiled step."""
 
@@ -238,19 +245,22 @@ class FusedStep:
         # Wide & Deep: 1, a wide part on the features; 2, on them and their products
         self._wide = (2 if layout.cross else 1) if layout.wide else 0
         self._wide_off = (offsets["wide.weight"], offsets["wide.bias"]) if layout.wide else (0, 0)
+        norms = [offsets[n] for n in _norms(layout)]  # layer norm's gamma, beta per layer
+        self._ln_off = (ctypes.c_long * len(norms))(*norms) if norms else None
 
     @classmethod
     def create(cls, layout: Layout, device: torch.device, models: int,
                act: StackedActivation) -> FusedStep | None:
         """A step for ``models`` stacked nets of ``layout`` on ``device`` whose activation
         (and the streams of its dropout masks) is ``act``, or None when the fused step does
-        not apply (not CPU, fewer models than torch's threads, normalisation, an activation
-        it lacks, too wide) or is not available (see :func:`status`)."""
+        not apply (not CPU, fewer models than torch's threads, batch norm, an activation it
+        lacks, too wide) or is not available (see :func:`status`)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
         wide = {"wide.weight", "wide.bias"} if layout.wide else set()
         plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
-                                      for p in ("weight", "bias")} | set(_slopes(layout)) | wide
+                                      for p in ("weight", "bias")} | set(_slopes(layout)) | wide \
+            | set(_norms(layout))
         if (device.type != "cpu" or not plain
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
@@ -285,7 +295,7 @@ class FusedStep:
                        self._w_off, self._b_off, X.data_ptr(), X.dim() == 3, y.data_ptr(),
                        y.dim() == 2, self._s_off, self._res, self._wide, *self._wide_off,
                        noise.data_ptr() if noise is not None else None,
-                       shift.data_ptr() if shift is not None else None,
+                       shift.data_ptr() if shift is not None else None, self._ln_off,
                        loss.data_ptr(), grad.data_ptr())
         if code != 0:
             raise MemoryError("the fused step could not allocate its scratch memory")
