@@ -4,7 +4,10 @@
  * turn, the forward pass, the loss (BCE with logits on one logit, cross-entropy on several)
  * and the backward pass run over the whole batch with every intermediate in a scratch buffer
  * small enough to stay in cache, instead of streaming K models' activations through memory
- * once per torch operation. Rows are the vector axis: activations are feature-major,
+ * once per torch operation. A hidden block is widedeep.model.Block: Linear, layer norm
+ * (optional), activation, dropout (optional, masks drawn by the caller), identity shortcut
+ * (optional); Wide & Deep's wide part adds its logits to the head's. Models may be split
+ * between threads. Rows are the vector axis: activations are feature-major,
  * (width, n_pad), n_pad = n rounded up to the vector width, and padded rows carry a zero
  * gradient so they never reach a sum.
  *
