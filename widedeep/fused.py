@@ -72,10 +72,12 @@ def _code_of(module: nn.Module) -> tuple[int, float, float] | None:
 
 ACTIVATIONS = sorted(name for name in list_activations()
                      if _code_of(get_activation(name).create()) is not None)
-# Widest layer the fused step takes: at 256, torch's GEMMs catch up (measured on the dev
-# VM, one thread, K=8 nets of 4 layers, Adam, 607 rows, ms per model-step, fused vs torch:
-# width 128 ReLU 2.35 vs 2.98, tanh 2.63 vs 2.96; width 256 ReLU 9.9 vs 9.8, tanh 10.3 vs 9.6).
-MAX_WIDTH = 128
+# Widest layer the fused step takes (the search's widest). At 256 torch's GEMMs have caught
+# up with it, but not the step around them (dev VM, one thread, Adam, ms per step, fused vs
+# the torch-ops step: 8 nets of 4 x 256 tanh units, 607 rows, 81 vs 90; 5 nets, mini-batches
+# of 128, 13.2 vs 13.2; of 8 x 256 ReLU units, mini-batches of 32, 16.1 vs 18.9), and with
+# layer norm the step it replaces is autograd's (2 nets of 4 x 256, 607 rows: 24.5 vs 44.0).
+MAX_WIDTH = 256
 FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
 ARCH_FLAGS = (("-march=native",), ())  # tried in turn: not every compiler knows native
 
