@@ -207,19 +207,19 @@ def write_tables(data: pd.DataFrame, machines: list[dict], tables: Path) -> list
         paths += [tables / "throughput_speedup.csv", tables / "throughput_speedup.md"]
         ratio.to_csv(paths[2], index=False)
         paths[3].write_text("# CUDA / CPU speedup, full batch\n\n" + markdown(ratio) + "\n")
+    # the batched engine's tables, each where its benchmarks ran (the lecture cases need the
+    # lecture file; the wide nets and the search-like trials do not)
     cost = engines(data)
+    parts = [(title, frame) for title, frame in ((ENGINES_TITLE, cost),
+                                                 (WIDE_TITLE, wide_nets(data)),
+                                                 (SWEEP_TITLE, sweep_commands(data)))
+             if not frame.empty]
     if not cost.empty:
-        csv_path, md_path = tables / "throughput_engines.csv", tables / "throughput_engines.md"
-        cost.to_csv(csv_path, index=False)
-        text = ENGINES_TITLE + "\n\n" + markdown(cost) + "\n"
-        wide = wide_nets(data)
-        if not wide.empty:
-            text += "\n" + WIDE_TITLE + "\n\n" + markdown(wide) + "\n"
-        commands = sweep_commands(data)
-        if not commands.empty:
-            text += "\n" + SWEEP_TITLE + "\n\n" + markdown(commands) + "\n"
-        md_path.write_text(text)
-        paths += [csv_path, md_path]
+        paths.append(tables / "throughput_engines.csv")
+        cost.to_csv(paths[-1], index=False)
+    if parts:
+        paths.append(tables / "throughput_engines.md")
+        paths[-1].write_text("\n".join(f"{title}\n\n{markdown(frame)}\n" for title, frame in parts))
     return paths
 
 

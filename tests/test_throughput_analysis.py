@@ -139,6 +139,18 @@ def test_sweep_speedup_is_taken_within_each_run(cpu_run, tmp_path):
     assert "widedeep sweep" in md and "| auto | 64 | 4 | 3 |" in md
 
 
+def test_sweep_table_without_the_lecture_cases(cpu_run, tmp_path):
+    """Where the lecture benchmarks did not run (no lecture file), the engine tables that do
+    not need it are still written."""
+    run = _with_sweeps(json.loads(cpu_run.read_text()), 12.0, 4.0)
+    run["benchmarks"] = [b for b in run["benchmarks"] if "lecture" not in b["name"]]
+    out = build(results_with(tmp_path, ("a.json", run)))
+    names = {Path(p).name for p in out["tables"]}
+    assert "throughput_engines.md" in names and "throughput_engines.csv" not in names
+    md = (tmp_path / "results" / "tables" / "throughput_engines.md").read_text()
+    assert "| auto | 64 | 4 | 3 |" in md and "Lecture-size nets" not in md
+
+
 def test_each_benchmark_is_compared_with_its_own_plain_case(cpu_run, tmp_path):
     run = _with_sweeps(json.loads(cpu_run.read_text()), 12.0, 4.0)
     for engine, median in (("plain", 30.0), ("auto", 15.0)):
