@@ -292,7 +292,7 @@ def _wait_for(url: str, name: str, proc, done: int, running: int, timeout: float
 def test_sigterm_stops_a_sweep_and_its_workers(tmp_path, url, diabetes_dir):
     """kill (SIGTERM) on `widedeep sweep --workers 2`: its workers, in sessions of their own,
     are told to stop; they give their claims back, and a second run finishes the sweep."""
-    d = lecture_file("term", epochs=300, grid={"activation": ["relu", "tanh"]})
+    d = lecture_file("term", epochs=600, grid={"activation": ["relu", "tanh"]})
     d["fixed"].update(depth=8, width=64)
     spec = sweep.spec_from_dict(d)
     proc = _cli(write_toml(tmp_path / "t.toml", d), url, "--workers", "2")
@@ -313,7 +313,7 @@ def test_sigterm_stops_a_sweep_and_its_workers(tmp_path, url, diabetes_dir):
 
 @pytest.mark.slow
 def test_killed_worker_loses_nothing_and_duplicates_nothing(tmp_path, url, diabetes_dir):
-    d = lecture_file("killed", epochs=100, grid={"activation": ["relu", "tanh"]})
+    d = lecture_file("killed", epochs=400, grid={"activation": ["relu", "tanh"]})
     d["fixed"].update(depth=6, width=64)
     spec = sweep.spec_from_dict(d)
     proc = _cli(write_toml(tmp_path / "k.toml", d), url, "--grace", "1")
