@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -382,3 +383,22 @@ def test_the_compiled_optimizer_step_declines_what_it_cannot_take():
     with pytest.raises(ValueError, match="bound to other parameters"):
         step(flat.clone(), torch.ones(2, 8), 1)
     assert torch.equal(flat, torch.zeros(2, 8))  # left untouched
+
+
+@needs_kernel
+def test_a_build_removes_builds_unused_for_a_month(tmp_path, monkeypatch):
+    """Other versions' builds (and failed builds' leftovers) are removed once a month old;
+    recent ones stay, and loading a build counts as using it."""
+    monkeypatch.setenv("WIDEDEEP_CACHE", str(tmp_path))
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    old, recent, leftover = (folder / n for n in ("fused-0ld.so", "fused-recent.so", "tmp1.so"))
+    month = fused.STALE_DAYS * 86400
+    for path, age in ((old, month + 60), (recent, month - 3600), (leftover, month + 60)):
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - age, time.time() - age))
+    built = fused._build()
+    assert built.exists() and recent.exists()
+    assert not old.exists() and not leftover.exists()
+    os.utime(built, (0, 0))
+    assert fused._build() == built and built.stat().st_mtime > time.time() - 60

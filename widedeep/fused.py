@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,6 +81,7 @@ ACTIVATIONS = sorted(name for name in list_activations()
 MAX_WIDTH = 256
 FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
 ARCH_FLAGS = (("-march=native",), ())  # tried in turn: not every compiler knows native
+STALE_DAYS = 30  # builds of other versions older than this are removed after a build
 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None  # None until first asked for
@@ -130,6 +132,10 @@ def _build() -> Path:
                                          _cpu_key().encode()])).hexdigest()[:16]
         target = folder / f"fused-{key}.so"
         if target.exists():
+            try:
+                os.utime(target)  # in use: see _prune
+            except OSError:
+                pass
             return target
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
@@ -137,10 +143,24 @@ def _build() -> Path:
                              text=True)
         if out.returncode == 0:
             os.replace(tmp, target)  # atomic: parallel workers may build it at once
+            _prune(folder, keep=target)
             return target
         os.unlink(tmp)
         errors.append((out.stderr.strip().splitlines() or ["failed"])[0])
     raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1]}")
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Remove builds (and leftovers of failed ones) neither made nor loaded for STALE_DAYS:
+    each source version and compiler makes a build of its own, and nothing else would remove
+    them. A process that loaded one keeps it mapped; one that wants it again rebuilds it."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for path in [*folder.glob("fused-*.so"), *folder.glob("tmp*.so")]:
+        try:
+            if path != keep and path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:  # another process removed it first
+            pass
 
 
 def _load(path: Path) -> ctypes.CDLL:
