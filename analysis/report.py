@@ -8,7 +8,10 @@ interrupted report resumes where it stopped and a finished one only re-renders.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import multiprocessing
 import os
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -40,6 +43,11 @@ STORAGE_FILE = "report.sqlite3"
 # matrices need its winner. Each entry: (section number, module with render(ctx) -> Markdown).
 ORDER = [(1, lecture), (2, grid), (3, gradients), (6, datasets), (5, leaderboard),
          (4, confusion), (7, throughput_section)]
+# With several workers, section 3 (its figures: ~10 s on one core) is drawn in a process of
+# its own, beside sections 2, 6, 5, 4 and 7, which do not need it. It starts when section 2
+# would render, once the sweeps it needs (the grid's and the inits') are done:
+# {section: (the section it starts before, the modules whose sweeps it needs)}
+APART = {3: (2, (grid, inits))}
 
 
 def default_storage(out: Path) -> str:
@@ -104,6 +112,64 @@ def _start_sweeps(ctx: Context):
     return sweep.start_sweeps(list(specs.values()), storage=ctx.storage, workers=ctx.workers)
 
 
+class Apart:
+    """A section drawn in a process of its own (spawned: a fork would inherit the threads of
+    torch and of the background workers' pipes), from the same storage and output folder.
+
+    The process starts with SIGINT blocked, and keeps it so: a Ctrl-C interrupts the report,
+    which stops the process (:meth:`stop`); a Ctrl-C of its own would print a traceback from
+    wherever it landed.
+    """
+
+    def __init__(self, number: int, ctx: Context):
+        module = dict(ORDER)[number]
+        self.number, self.started = number, time.perf_counter()
+        spawn = multiprocessing.get_context("spawn")
+        self.conn, child_end = spawn.Pipe(duplex=False)
+        self.proc = spawn.Process(target=_draw_apart, name=f"widedeep-section-{number}",
+                                  args=(child_end, module.__name__, ctx.profile, str(ctx.out),
+                                        ctx.storage, ctx.env))
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc.start()  # inherits the mask
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C meanwhile lands now
+        child_end.close()
+
+    def result(self, ctx: Context) -> str:
+        """The section's Markdown (its sweeps' records join ctx.sweeps); raises what the
+        drawing raised."""
+        try:
+            status, *payload = self.conn.recv()
+        except EOFError:
+            self.proc.join()
+            raise RuntimeError(f"section {self.number}'s process exited with status "
+                               f"{self.proc.exitcode} before it was drawn") from None
+        self.proc.join()
+        if status != "ok":
+            raise payload[0]
+        markdown, sweeps = payload
+        ctx.sweeps += sweeps
+        return markdown
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join()
+
+
+def _draw_apart(conn, module_name: str, profile, out: str, storage: str, env: dict) -> None:
+    """In the section's process: render it, send back (status, Markdown, sweeps run)."""
+    try:
+        ctx = Context(profile=profile, out=Path(out), storage=storage, workers=1,
+                      progress=False, env=env)
+        conn.send(("ok", importlib.import_module(module_name).render(ctx), ctx.sweeps))
+    except BaseException as e:  # noqa: BLE001 -- handed to the parent, which raises it
+        conn.send(("error", e))
+    finally:
+        conn.close()
+
+
 def build(*, profile: str = "quick", out: str | os.PathLike = "results",
           storage: str | None = None, workers: int = 1, progress: bool = True,
           engine: str = "auto") -> Path:
@@ -118,6 +184,7 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
                   storage=storage, workers=workers, progress=progress, env=env)
     parts: dict[int, str] = {}
     seconds: dict[str, float] = {}
+    apart: dict[int, Apart] = {}
     leaderboard.start(ctx)  # in a process of its own, beside sections 1, 2, 3 and 6
     try:
         ctx.background = _start_sweeps(ctx)
@@ -125,9 +192,20 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
             if progress:
                 print(f"section {number}: {module.__name__}", flush=True)
             section_start = time.perf_counter()
-            parts[number] = module.render(ctx)
-            seconds[str(number)] = round(time.perf_counter() - section_start, 1)
+            for later, (before, needs) in APART.items():
+                if ctx.workers >= 2 and number == before:
+                    for spec in (s for m in needs for s in m.specs(ctx.profile).values()):
+                        ctx.run(spec)  # waits for the background workers
+                    apart[later] = Apart(later, ctx)
+            if number not in apart:
+                parts[number] = module.render(ctx)
+                seconds[str(number)] = round(time.perf_counter() - section_start, 1)
+        for number, drawing in apart.items():
+            parts[number] = drawing.result(ctx)
+            seconds[str(number)] = round(time.perf_counter() - drawing.started, 1)
     finally:
+        for drawing in apart.values():
+            drawing.stop()
         leaderboard.stop(ctx)
         bad = ctx.background.stop() if ctx.background is not None else []
         if bad:

@@ -250,6 +250,32 @@ def test_a_failing_section_stops_the_background_search(tmp_path, monkeypatch, ca
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_section_drawn_apart_hands_back_its_text_and_its_errors(tmp_path, monkeypatch):
+    """report.Apart: a section drawn in a spawned process returns its Markdown and the
+    sweeps it ran, raises what it raised, and is stopped at once when the report stops."""
+    import dataclasses
+    import time
+
+    from analysis import report
+    from tests import apart_section
+    from widedeep.errors import UserError
+
+    monkeypatch.setattr(report, "ORDER", [(9, apart_section)])
+    ctx = _context(tmp_path)
+    assert report.Apart(9, ctx).result(ctx) == "## drawn apart\n"
+    assert ctx.sweeps == [{"name": "apart", "ran_now": 0}]
+    assert int((tmp_path / "drawn_by.txt").read_text()) != os.getpid()
+    failing = dataclasses.replace(ctx, env={"fail": True})
+    drawing = report.Apart(9, failing)
+    with pytest.raises(UserError, match="the section failed in its own process"):
+        drawing.result(failing)
+    assert not drawing.proc.is_alive()
+    waiting = report.Apart(9, dataclasses.replace(ctx, env={"wait": True}))
+    start = time.monotonic()
+    waiting.stop()
+    assert not waiting.proc.is_alive() and time.monotonic() - start < 10
+
+
 def test_the_report_says_when_it_waits_for_the_search(tmp_path, monkeypatch, capsys):
     from analysis import leaderboard, report
 

@@ -1,0 +1,19 @@
+"""A report section for tests/test_report.py to draw in a process of its own (report.Apart):
+what ``ctx.env`` asks of it -- fail, wait, or write a file naming its process."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from widedeep.errors import UserError
+
+
+def render(ctx) -> str:
+    if ctx.env.get("fail"):
+        raise UserError("the section failed in its own process")
+    if ctx.env.get("wait"):
+        time.sleep(60)
+    (ctx.out / "drawn_by.txt").write_text(str(os.getpid()))
+    ctx.sweeps.append({"name": "apart", "ran_now": 0})
+    return "## drawn apart\n"
