@@ -45,9 +45,11 @@ ORDER = [(1, lecture), (2, grid), (3, gradients), (6, datasets), (5, leaderboard
          (4, confusion), (7, throughput_section)]
 # With several workers, section 3 (its figures: ~10 s on one core) is drawn in a process of
 # its own, beside sections 2, 6, 5, 4 and 7, which do not need it. It starts when section 2
-# would render, once the sweeps it needs (the grid's and the inits') are done:
-# {section: (the section it starts before, the modules whose sweeps it needs)}
-APART = {3: (2, (grid, inits))}
+# would render, once the grid is done; the init sweep it waits for (or helps finish) itself,
+# and the report reads that sweep's counts from the background workers afterwards.
+# {section: (the section it starts before, modules whose sweeps must be done first,
+#            modules whose sweeps it runs itself)}
+APART = {3: (2, (grid,), (inits,))}
 
 
 def default_storage(out: Path) -> str:
@@ -161,6 +163,7 @@ class Apart:
 def _draw_apart(conn, module_name: str, profile, out: str, storage: str, env: dict) -> None:
     """In the section's process: render it, send back (status, Markdown, sweeps run)."""
     try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # as the report's own process
         ctx = Context(profile=profile, out=Path(out), storage=storage, workers=1,
                       progress=False, env=env)
         conn.send(("ok", importlib.import_module(module_name).render(ctx), ctx.sweeps))
@@ -192,7 +195,7 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
             if progress:
                 print(f"section {number}: {module.__name__}", flush=True)
             section_start = time.perf_counter()
-            for later, (before, needs) in APART.items():
+            for later, (before, needs, _) in APART.items():
                 if ctx.workers >= 2 and number == before:
                     for spec in (s for m in needs for s in m.specs(ctx.profile).values()):
                         ctx.run(spec)  # waits for the background workers
@@ -203,6 +206,8 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
         for number, drawing in apart.items():
             parts[number] = drawing.result(ctx)
             seconds[str(number)] = round(time.perf_counter() - drawing.started, 1)
+            for spec in (s for m in APART[number][2] for s in m.specs(ctx.profile).values()):
+                ctx.run(spec)  # done: records what the background workers trained of it
     finally:
         for drawing in apart.values():
             drawing.stop()
