@@ -193,7 +193,8 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
         ctx.background = _start_sweeps(ctx)
         for number, module in ORDER:
             if progress:
-                print(f"section {number}: {module.__name__}", flush=True)
+                where = " (in a process of its own)" if number in apart else ""
+                print(f"section {number}: {module.__name__}{where}", flush=True)
             section_start = time.perf_counter()
             for later, (before, needs, _) in APART.items():
                 if ctx.workers >= 2 and number == before:

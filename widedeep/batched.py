@@ -153,6 +153,11 @@ class StackedActivation:
         self.generators: list[torch.Generator | None] | None = None
         self.probing = False
 
+    @property
+    def alpha_dropout(self) -> bool:
+        """Whether dropout after it is alpha dropout (after selu, as in widedeep.model)."""
+        return self.spec.name == "selu"
+
     def __call__(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.spec.name == "prelu":
             return prelu(z, weight)
@@ -281,7 +286,7 @@ def forward(layout: Layout, flat: torch.Tensor | dict[str, torch.Tensor], X: tor
         if trace is not None:
             trace.append((z, a, w))
         if layout.dropout and act.generators is not None:  # training
-            a = dropout(a, layout.dropout, act.spec.name == "selu", act.generators)[0]
+            a = dropout(a, layout.dropout, act.alpha_dropout, act.generators)[0]
         h = h + a if layout.residual[i] else a
     logits = linear(p["head.weight"], p["head.bias"], h)
     if layout.wide:

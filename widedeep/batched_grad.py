@@ -131,7 +131,7 @@ class ManualStep:
                 a = self.act(z, p.get(f"blocks.{i}.activation.weight"))
             inputs.append(h), pres.append(z), outs.append(a)
             if layout.dropout:
-                a, factor = dropout(a, layout.dropout, self.act.spec.name == "selu",
+                a, factor = dropout(a, layout.dropout, self.act.alpha_dropout,
                                     self.act.generators)
                 kept.append(factor)
             h = h + a if layout.residual[i] else a

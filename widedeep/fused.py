@@ -226,6 +226,11 @@ def _layers(layout: Layout) -> list[str]:
     return [f"blocks.{i}.linear" for i in range(layout.depth)] + ["head"]
 
 
+def _c_array(ctype, values: list):
+    """values as a C array the step reads through a pointer; None (NULL) when empty."""
+    return (ctype * len(values))(*values) if values else None
+
+
 def _slopes(layout: Layout) -> list[str]:
     """prelu's slopes, one per hidden layer (none for other activations)."""
     if layout.activation != "prelu":
@@ -260,15 +265,13 @@ class FusedStep:
             *[shapes[f"{name}.weight"][0] for name in layers[:-1]])
         self._w_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.weight"] for n in layers])
         self._b_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.bias"] for n in layers])
-        slopes = [offsets[n] for n in _slopes(layout)]  # prelu's, one per hidden layer
-        self._s_off = (ctypes.c_long * len(slopes))(*slopes) if slopes else None
-        self._res = (ctypes.c_int * layout.depth)(*layout.residual) if any(layout.residual) \
-            else None
+        # prelu's slope and layer norm's weight and bias per hidden layer; residual flags
+        self._s_off = _c_array(ctypes.c_long, [offsets[n] for n in _slopes(layout)])
+        self._ln_off = _c_array(ctypes.c_long, [offsets[n] for n in _norms(layout)])
+        self._res = _c_array(ctypes.c_int, list(layout.residual) if any(layout.residual) else [])
         # Wide & Deep: 1, a wide part on the features; 2, on them and their products
         self._wide = (2 if layout.cross else 1) if layout.wide else 0
         self._wide_off = (offsets["wide.weight"], offsets["wide.bias"]) if layout.wide else (0, 0)
-        norms = [offsets[n] for n in _norms(layout)]  # layer norm's gamma, beta per layer
-        self._ln_off = (ctypes.c_long * len(norms))(*norms) if norms else None
 
     @classmethod
     def create(cls, layout: Layout, device: torch.device, models: int,
@@ -279,11 +282,10 @@ class FusedStep:
         lacks, too wide) or is not available (see :func:`status`)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
-        wide = {"wide.weight", "wide.bias"} if layout.wide else set()
-        plain = set(layout.names) == {f"{n}.{p}" for n in _layers(layout)
-                                      for p in ("weight", "bias")} | set(_slopes(layout)) | wide \
-            | set(_norms(layout))
-        if (device.type != "cpu" or not plain
+        known = {f"{n}.{p}" for n in _layers(layout) for p in ("weight", "bias")}
+        known |= {*_slopes(layout), *_norms(layout)}
+        known |= {"wide.weight", "wide.bias"} if layout.wide else set()
+        if (device.type != "cpu" or set(layout.names) != known  # batch norm: running stats
                 or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
             return None
         # NOTE: the kernel splits the models between torch's threads (as many as the run gave
@@ -330,7 +332,7 @@ class FusedStep:
         generators = self.stacked_act.generators
         if not self.dropout or generators is None:
             return None, None
-        alpha = self.stacked_act.spec.name == "selu"
+        alpha = self.stacked_act.alpha_dropout
         masks = [dropout_masks(w, n, self.dropout, alpha, generators, torch.device("cpu"))
                  for w in self._widths]
         noise = torch.cat([m[0] for m in masks], 1)
