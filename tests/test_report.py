@@ -256,8 +256,9 @@ def test_a_section_drawn_apart_hands_back_its_text_and_its_errors(tmp_path, monk
     import dataclasses
     import time
 
+    import apart_section  # tests/ is on sys.path (pytest's rootdir): the spawned one's too
+
     from analysis import report
-    from tests import apart_section
     from widedeep.errors import UserError
 
     monkeypatch.setattr(report, "ORDER", [(9, apart_section)])
