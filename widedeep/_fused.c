@@ -872,12 +872,7 @@ static int step_models(const struct step *s, int k0, int k1) {
         const float *p = flat + (long)k * P;
         float *gk = grad + (long)k * P;
         if (k == k0 || x_per_model) {
-            const float *xk = X + (x_per_model ? (long)k * d * n : 0);
-            for (int i = 0; i < d; i++) {
-                float *row = (float *)(h0 + (long)i * nc);
-                memcpy(row, xk + (long)i * n, n * sizeof(float));
-                memset(row + n, 0, ((long)nc * V - n) * sizeof(float));
-            }
+            load_rows(h0, X + (x_per_model ? (long)k * d * n : 0), d, n, nc);
             vf *cross = h0 + (long)d * nc; /* X[i] X[j], i < j, as widedeep.batched.wide_input */
             for (int i = 0; wide == 2 && i < d; i++)
                 for (int j = i + 1; j < d; j++, cross += nc)
