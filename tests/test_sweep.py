@@ -358,22 +358,16 @@ def test_postgres_two_worker_processes_share_one_study(tmp_path, diabetes_dir):
 
 
 @pytest.mark.parametrize("n", [3, 40_000])
-def test_blobs_round_trip_inline_and_in_chunks(tmp_path, n):
+def test_blobs_round_trip_inline_and_in_chunks(n):
     import random
 
-    import optuna
-
-    from widedeep.sweep_store import CHUNK_CHARS, get_blob, put_blob
+    from widedeep.sweep_store import CHUNK_CHARS, blob_attrs, get_blob
 
     rng = random.Random(0)
     obj = [{"epoch": i, "loss": rng.random()} for i in range(n)]
-    storage = optuna.storages.InMemoryStorage()
-    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
-    trial_id = storage.create_new_trial(study_id)
-    put_blob(storage, trial_id, "history", obj)
-    attrs = storage.get_trial(trial_id).user_attrs
+    attrs = json.loads(json.dumps(blob_attrs("history", obj)))  # as stored: JSON
     assert get_blob(attrs, "history") == obj
-    assert all(len(str(v)) <= CHUNK_CHARS + 100 for v in attrs.values())
+    assert all(len(json.dumps(v)) <= CHUNK_CHARS + 100 for v in attrs.values())
     assert (len(attrs) == 1) == (n == 3)
 
 
@@ -400,3 +394,69 @@ def test_an_interrupt_lost_in_a_weakref_callback_still_stops_a_worker():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert (out.returncode, out.stdout.strip(), out.stderr) == (3, "went on", "")
+
+
+# ---------------------------------------------------------------------- writing trials
+
+
+def _storages(tmp_path) -> list[str]:
+    urls = [f"sqlite:///{tmp_path}/trials.sqlite3"]
+    if os.environ.get("WIDEDEEP_TEST_POSTGRES_URL"):
+        urls.append(os.environ["WIDEDEEP_TEST_POSTGRES_URL"])
+    return urls
+
+
+def _frozen(trial) -> dict:
+    return {"number": trial.number, "state": trial.state, "values": trial.values,
+            "params": trial.params, "distributions": trial.distributions,
+            "user_attrs": trial.user_attrs, "system_attrs": trial.system_attrs,
+            "started": trial.datetime_start is not None,
+            "completed": trial.datetime_complete is not None}
+
+
+def test_trials_written_in_one_transaction_read_back_as_optunas_api_writes_them(tmp_path):
+    """The direct writer and Optuna's public API, given the same trials, leave studies that
+    Optuna reads back equal: numbers (also after trials Optuna made itself), params and
+    their distributions, attributes, values (inf too), states; and neither writes to a trial
+    that has already ended."""
+    import math
+
+    from optuna.distributions import CategoricalDistribution
+
+    from widedeep import sweep_trials
+
+    assert sweep_trials.FAST, "the direct writer should know the installed Optuna's tables"
+    dists = {"activation": CategoricalDistribution(["relu", "tanh"]),
+             "widths": CategoricalDistribution(["[8, 4]", "[6]"]),
+             "seed": CategoricalDistribution([0, 1, 2])}
+    new = [sweep_trials.NewTrial({"activation": a, "widths": w, "seed": s}, dists,
+                                 user_attrs={"attempt": 1, "worker": f"w{s}"},
+                                 system_attrs={"widedeep:key": f"k{a}{s}"})
+           for a, w, s in (("tanh", "[6]", 2), ("relu", "[8, 4]", 0), ("relu", "[6]", 1))]
+    for url in _storages(tmp_path):
+        read = {}
+        with Store(url) as store:
+            for fast in (True, False):
+                name = f"trials-{uuid.uuid4().hex[:8]}-{fast}"
+                study = store.study(name, create=True, direction="minimize")
+                study.ask()  # a trial made by Optuna first: numbers count it
+                sid = store.study_id(name)
+                started = sweep_trials.start(store.optuna, sid, new[:2], fast=fast)
+                started += sweep_trials.start(store.optuna, sid, new[2:], fast=fast)
+                assert [n for _, n in started] == [1, 2, 3]
+                ids = [t for t, _ in started]
+                ends = [sweep_trials.Ending(ids[0], TrialState.COMPLETE, 0.25,
+                                            {"status": "complete", "summary": {"a": [1, 2]}}),
+                        sweep_trials.Ending(ids[1], TrialState.COMPLETE, math.inf,
+                                            {"status": "diverged"}),
+                        sweep_trials.Ending(ids[2], TrialState.FAIL,
+                                            user_attrs={"reason": "boom"})]
+                assert sweep_trials.end(store.optuna, ends, fast=fast) == [True] * 3
+                again = [sweep_trials.Ending(ids[2], TrialState.FAIL,
+                                             user_attrs={"reason": "lost"}),
+                         sweep_trials.Ending(ids[0], TrialState.COMPLETE, 9.0, {"x": 1})]
+                assert sweep_trials.end(store.optuna, again, fast=fast) == [False, False]
+                read[fast] = [_frozen(t) for t in store.study(name).get_trials()]
+        assert read[True] == read[False], url
+        assert read[True][3]["user_attrs"] == {"attempt": 1, "worker": "w1", "reason": "boom"}
+        assert read[True][2]["values"] == [math.inf]

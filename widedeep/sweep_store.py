@@ -210,6 +210,13 @@ class Store:
                 C.study == study, C.key == key, C.token == owner).values(**values))
         return done.rowcount == 1
 
+    def update_many(self, study: str, changes: list[tuple[str, str, dict]]) -> list[bool]:
+        """:meth:`update` for several (key, owner, values), in one transaction."""
+        with self.engine.begin() as conn:
+            return [conn.execute(sa.update(CLAIMS).where(
+                C.study == study, C.key == key, C.token == owner).values(**values)).rowcount == 1
+                for key, owner, values in changes]
+
     def release(self, token: str) -> None:
         """Give back rows still running under ``token`` (Ctrl-C): this attempt does not count."""
         with self.engine.begin() as conn:
@@ -233,22 +240,20 @@ class Store:
 # ---------------------------------------------------------------------- large attributes
 
 
-def put_blob(storage, trial_id: int, name: str, obj) -> None:
-    """Store ``obj`` as base64 zlib JSON: inline in user attribute ``name`` when it fits in one
-    chunk (one write), else in ``name.0``, ``name.1``, ... with ``name`` counting them."""
+def blob_attrs(name: str, obj) -> dict[str, object]:
+    """The user attributes that store ``obj`` as base64 zlib JSON: ``name`` alone, inline,
+    when it fits in one chunk; else ``name.0``, ``name.1``, ... with ``name`` counting them."""
     text = base64.b64encode(zlib.compress(json.dumps(obj).encode(), 6)).decode("ascii")
     meta = {"chunks": 0, "encoding": "zlib+b64"}
     if len(text) <= CHUNK_CHARS:
-        storage.set_trial_user_attr(trial_id, name, meta | {"data": text})
-        return
+        return {name: meta | {"data": text}}
     chunks = [text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)]
-    for i, chunk in enumerate(chunks):
-        storage.set_trial_user_attr(trial_id, f"{name}.{i}", chunk)
-    storage.set_trial_user_attr(trial_id, name, meta | {"chunks": len(chunks)})
+    return {f"{name}.{i}": chunk for i, chunk in enumerate(chunks)} | {
+        name: meta | {"chunks": len(chunks)}}
 
 
 def get_blob(user_attrs: dict, name: str):
-    """The object :func:`put_blob` stored under ``name`` (None when absent)."""
+    """The object :func:`blob_attrs` stored under ``name`` (None when absent)."""
     meta = user_attrs.get(name)
     if meta is None:
         return None

@@ -25,12 +25,13 @@ import uuid
 
 import optuna
 from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 from tqdm import tqdm
 
+from widedeep import sweep_trials
 from widedeep.errors import UserError
 from widedeep.run import run_many
-from widedeep.sweep_store import TERMINAL, Store, put_blob
+from widedeep.sweep_store import TERMINAL, Store, blob_attrs
 
 MAX_ATTEMPTS = 3  # a trial that fails (or kills its worker) this often is recorded as failed
 GRACE_S = 60.0  # a running trial with no heartbeat for this long belongs to a lost worker
@@ -96,29 +97,30 @@ def _param(value):
     return value if isinstance(value, str | int | float | bool) else json.dumps(value)
 
 
-def _start_trial(store: Store, study, spec, row: dict) -> int:
-    """Create the attempt's RUNNING Optuna trial and link it to the row; its trial id."""
-    point = json.loads(row["point"])
-    dists = {k: CategoricalDistribution([_param(v) for v in spec.grid[k]]) for k in point}
-    dists["seed"] = CategoricalDistribution(list(spec.seeds))
-    params = {k: _param(v) for k, v in point.items()} | {"seed": row["seed"]}
-    template = create_trial(state=TrialState.RUNNING, params=params, distributions=dists,
-                            system_attrs={KEY_ATTR: row["key"]},
-                            user_attrs={"attempt": row["attempts"], "worker": row["worker"]})
-    trial_id = store.optuna.create_new_trial(store.study_id(study.study_name),
-                                             template_trial=template)
-    number = store.optuna.get_trial_number_from_id(trial_id)
-    store.update(study.study_name, row["key"], row["token"], trial_number=number)
-    return trial_id
+def _start_trials(store: Store, study, spec, rows: list[dict]) -> list[int]:
+    """Create each row's attempt as a RUNNING Optuna trial and link it to the row; their
+    trial ids."""
+    dists = {k: CategoricalDistribution([_param(v) for v in values])
+             for k, values in spec.grid.items()} | {"seed": CategoricalDistribution(
+                 list(spec.seeds))}
+    new = []
+    for row in rows:
+        point = json.loads(row["point"])
+        params = {k: _param(v) for k, v in point.items()} | {"seed": row["seed"]}
+        new.append(sweep_trials.NewTrial(
+            params, {k: dists[k] for k in params}, system_attrs={KEY_ATTR: row["key"]},
+            user_attrs={"attempt": row["attempts"], "worker": row["worker"]}))
+    started = sweep_trials.start(store.optuna, store.study_id(study.study_name), new)
+    store.update_many(study.study_name, [(r["key"], r["token"], {"trial_number": number})
+                                         for r, (_, number) in zip(rows, started, strict=True)])
+    return [trial_id for trial_id, _ in started]
 
 
-def _fail_trial(store: Store, trial_id: int, reason: str) -> None:
-    """Mark an attempt failed with its reason (no-op when it already finished)."""
-    try:
-        store.optuna.set_trial_user_attr(trial_id, "reason", reason)
-        store.optuna.set_trial_state_values(trial_id, TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
+def _fail_trials(store: Store, trial_ids: list[int], reason: str) -> None:
+    """Mark attempts failed with their reason (those already finished stay as they are)."""
+    sweep_trials.end(store.optuna, [sweep_trials.Ending(t, TrialState.FAIL,
+                                                        user_attrs={"reason": reason})
+                                    for t in trial_ids])
 
 
 def _recover(store: Store, study, row: dict) -> bool:
@@ -134,7 +136,7 @@ def _recover(store: Store, study, row: dict) -> bool:
             store.update(study.study_name, row["key"], row["token"], state=trial.user_attrs[
                 "status"], trial_number=trial.number, reason=None)
             return True
-        _fail_trial(store, store.trial_id(study, trial.number), "worker lost (no heartbeat)")
+        _fail_trials(store, [store.trial_id(study, trial.number)], "worker lost (no heartbeat)")
     return False
 
 
@@ -154,43 +156,53 @@ def _train(configs: list) -> list:
     return out
 
 
-def _record(store: Store, study, row: dict, trial_id: int, result) -> None:
-    name, opt = study.study_name, store.optuna
+def _ending(trial_id: int, result) -> sweep_trials.Ending:
     if isinstance(result, BaseException):
-        reason = "".join(traceback.format_exception_only(type(result), result)).strip()
-        _fail_trial(store, trial_id, reason[-2000:])
-        final = row["attempts"] >= MAX_ATTEMPTS
-        store.update(name, row["key"], row["token"], state="failed" if final else "pending",
-                     token=None, reason=reason[-2000:])
-        return
-    summary = result.summary
+        return sweep_trials.Ending(trial_id, TrialState.FAIL,
+                                   user_attrs={"reason": _reason(result)})
+    summary, loss = result.summary, result.summary.get("test_loss")
     status = "diverged" if summary.get("diverged") else "complete"
-    loss = summary.get("test_loss")
-    try:
-        opt.set_trial_user_attr(trial_id, "status", status)
-        opt.set_trial_user_attr(trial_id, "summary", summary)
-        put_blob(opt, trial_id, "history", result.history)
-        put_blob(opt, trial_id, "probes", result.probes)
-        value = loss if loss is not None and math.isfinite(loss) else math.inf
-        opt.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return  # our lease was taken over and this attempt marked lost: drop the result
-    store.update(name, row["key"], row["token"], state=status, token=None,
-                 reason=summary.get("diverged_reason"))
+    return sweep_trials.Ending(
+        trial_id, TrialState.COMPLETE,
+        loss if loss is not None and math.isfinite(loss) else math.inf,
+        {"status": status, "summary": summary} | blob_attrs("history", result.history)
+        | blob_attrs("probes", result.probes))
+
+
+def _reason(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()[-2000:]
+
+
+def _record(store: Store, study, rows: list[dict], trial_ids: list[int], results: list) -> None:
+    """Write the attempts' results to Optuna, then close their rows: a failed attempt's row
+    goes back to pending (failed after MAX_ATTEMPTS); a result whose lease was taken over
+    (its trial already failed as lost) is dropped."""
+    endings = [_ending(t, r) for t, r in zip(trial_ids, results, strict=True)]
+    written = sweep_trials.end(store.optuna, endings)
+    changes = []
+    for row, ending, ok, result in zip(rows, endings, written, results, strict=True):
+        if ending.state == TrialState.FAIL:
+            final = row["attempts"] >= MAX_ATTEMPTS
+            changes.append((row["key"], row["token"], dict(
+                state="failed" if final else "pending", token=None,
+                reason=ending.user_attrs["reason"])))
+        elif ok:
+            changes.append((row["key"], row["token"], dict(
+                state=ending.user_attrs["status"], token=None,
+                reason=result.summary.get("diverged_reason"))))
+    store.update_many(study.study_name, changes)
 
 
 def _run_group(store: Store, study, spec, rows: list[dict]) -> int:
     todo = [r for r in rows if not _recover(store, study, r)]
-    trial_ids = [_start_trial(store, study, spec, r) for r in todo]
+    trial_ids = _start_trials(store, study, spec, todo)
     try:
         configs = [spec.config(json.loads(r["point"]), r["seed"]) for r in todo]
         results = _train(configs) if configs else []
     except BaseException:  # Ctrl-C: these attempts do not count
-        for trial_id in trial_ids:
-            _fail_trial(store, trial_id, "interrupted")
+        _fail_trials(store, trial_ids, "interrupted")
         raise
-    for row, trial_id, result in zip(todo, trial_ids, results, strict=True):
-        _record(store, study, row, trial_id, result)
+    _record(store, study, todo, trial_ids, results)
     return len(rows)
 
 
