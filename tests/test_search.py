@@ -152,7 +152,10 @@ def test_stopping_a_background_search_fails_only_its_trial_in_flight(tmp_path, c
     assert [p.returncode for p in job.procs] == [130]
     assert "Traceback" not in capfd.readouterr().err  # the failed trial was expected
     states = _states(url, "s")
-    assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) == 1
+    # the trial in flight failed: none when the stop came between two trials (a stop that
+    # lands while Optuna creates or ends a trial waits for the next check)
+    assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) <= 1
+    assert set(states) <= {TrialState.COMPLETE, TrialState.FAIL}
     # and the study goes on from there
     done = states.count(TrialState.COMPLETE)
     again = search.run_search(study="s", storage=url, **{**BUDGET, "trials": done + 1})

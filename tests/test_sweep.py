@@ -396,6 +396,38 @@ def test_an_interrupt_lost_in_a_weakref_callback_still_stops_a_worker():
     assert (out.returncode, out.stdout.strip(), out.stderr) == (3, "went on", "")
 
 
+def test_an_interrupt_in_deferred_bookkeeping_is_raised_once_it_is_done():
+    """Inside ``deferred_interrupts`` a SIGINT is remembered and raised on leaving; inside a
+    ``deferred_interrupts(False)`` nested in it (a trial's training), at once."""
+    code = """if True:
+        import os, signal, sys
+        from widedeep.sweep_worker import deferred_interrupts, handle_interrupts
+        handle_interrupts()
+        steps = []
+        try:
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(100_000))
+                steps.append("deferred")
+                try:
+                    with deferred_interrupts(False):
+                        os.kill(os.getpid(), signal.SIGINT)
+                        sum(range(100_000))
+                        steps.append("not raised")
+                except KeyboardInterrupt:
+                    steps.append("raised in training")
+                steps.append("still deferred")
+            steps.append("not raised on leaving")
+        except KeyboardInterrupt:
+            steps.append("raised on leaving")
+        print(",".join(steps))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "deferred,raised in training,still deferred,raised on leaving"
+    assert out.returncode == 0, out.stderr
+
+
 # ---------------------------------------------------------------------- writing trials
 
 

@@ -24,7 +24,7 @@ from widedeep.config import INITS, NORMS, OPTIMIZERS, make_config
 from widedeep.errors import UserError
 from widedeep.run import run_many
 from widedeep.sweep_store import Store
-from widedeep.sweep_worker import check_interrupted, handle_interrupts, launch
+from widedeep.sweep_worker import check_interrupted, deferred_interrupts, handle_interrupts, launch
 
 SETTINGS_ATTR, BASELINES_ATTR = "widedeep:search", "widedeep:baselines"
 DEFAULT_STORAGE = "sqlite:///results/search.sqlite3"
@@ -71,6 +71,11 @@ def _objective(settings: dict):
              "seed": settings["seed"], "engine": settings.get("engine", "auto")}
 
     def objective(trial: optuna.Trial) -> float:
+        with deferred_interrupts(False):  # stop here: Optuna fails the trial in flight
+            check_interrupted()
+            return train(trial)
+
+    def train(trial: optuna.Trial) -> float:
         options = suggest(trial, max_depth=settings["max_depth"],
                           max_epochs=settings["max_epochs"])
         summary = run_many([make_config(**fixed, **options)])[0].summary
@@ -122,8 +127,11 @@ def work(study_name: str, url: str, *, trials: int, timeout: float | None,
         stop = optuna.study.MaxTrialsCallback(trials)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(_objective(settings), n_trials=trials - done, timeout=timeout,
-                           callbacks=[stop, check_interrupted], catch=(Exception,))
+            # NOTE: a Ctrl-C outside a trial's objective (while Optuna creates or ends the
+            # trial) waits for the next check: cut there, it would leave the trial RUNNING.
+            with deferred_interrupts():
+                study.optimize(_objective(settings), n_trials=trials - done, timeout=timeout,
+                               callbacks=[stop, check_interrupted], catch=(Exception,))
 
 
 def run_search(*, study: str | None = None, dataset: str = "diabetes", split: str = "cv:5",

@@ -41,6 +41,7 @@ KEY_ATTR = "widedeep:key"
 
 
 _INTERRUPTED = threading.Event()
+_DEFERRED = [False]  # True: a SIGINT is remembered, and raised at the next check
 
 
 def handle_interrupts(before=None) -> None:
@@ -53,7 +54,8 @@ def handle_interrupts(before=None) -> None:
         if before is not None:
             before()
         _INTERRUPTED.set()
-        raise KeyboardInterrupt
+        if not _DEFERRED[0]:
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
     sys.unraisablehook = _drop_lost_interrupts
@@ -68,6 +70,22 @@ def check_interrupted(*_) -> None:
     """Raise KeyboardInterrupt if an interrupt came (and got lost in a callback)."""
     if _INTERRUPTED.is_set():
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred_interrupts(defer: bool = True):
+    """Inside, a SIGINT (see ``handle_interrupts``) is only remembered: bookkeeping that a
+    KeyboardInterrupt must not cut in half -- a trial created but not yet known to its worker
+    would stay RUNNING for good. Leaving the block for code that raises at once raises an
+    interrupt that came meanwhile. ``defer=False`` inside such a block: raise at once again
+    (a trial's training)."""
+    saved, _DEFERRED[0] = _DEFERRED[0], defer
+    try:
+        yield
+    finally:
+        _DEFERRED[0] = saved
+    if not saved:
+        check_interrupted()
 
 
 class _Heartbeat(threading.Thread):
@@ -195,14 +213,17 @@ def _record(store: Store, study, rows: list[dict], trial_ids: list[int], results
 
 def _run_group(store: Store, study, spec, rows: list[dict]) -> int:
     todo = [r for r in rows if not _recover(store, study, r)]
-    trial_ids = _start_trials(store, study, spec, todo)
+    with deferred_interrupts():
+        trial_ids = _start_trials(store, study, spec, todo)
     try:
         configs = [spec.config(json.loads(r["point"]), r["seed"]) for r in todo]
         results = _train(configs) if configs else []
     except BaseException:  # Ctrl-C: these attempts do not count
-        _fail_trials(store, trial_ids, "interrupted")
+        with deferred_interrupts():
+            _fail_trials(store, trial_ids, "interrupted")
         raise
-    _record(store, study, todo, trial_ids, results)
+    with deferred_interrupts():
+        _record(store, study, todo, trial_ids, results)
     return len(rows)
 
 
