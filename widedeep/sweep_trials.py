@@ -71,6 +71,8 @@ def _schema() -> _Schema | None:
     return _Schema(tables, stored_value)
 
 
+# Optuna < 4 raises a plain RuntimeError for a write to a finished trial
+_FINISHED = getattr(optuna.exceptions, "UpdateFinishedTrialError", RuntimeError)
 SCHEMA = _schema()
 FAST = SCHEMA is not None
 
@@ -152,7 +154,7 @@ def _end_public(storage: optuna.storages.RDBStorage, e: Ending) -> bool:
             storage.set_trial_user_attr(e.trial_id, key, value)
         storage.set_trial_state_values(e.trial_id, e.state,
                                        None if e.value is None else [e.value])
-    except optuna.exceptions.UpdateFinishedTrialError:
+    except _FINISHED:
         return False
     return True
 
