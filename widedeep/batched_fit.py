@@ -25,6 +25,7 @@ from widedeep.batched_grad import ManualStep
 from widedeep.config import TrainConfig
 from widedeep.fused import FusedStep
 from widedeep.model import linear_layers
+from widedeep.probes import mean_std
 from widedeep.train import FitResult, Split
 
 SYNC_EVERY = 16  # epochs between checks whether every model has stopped (off the CPU)
@@ -338,16 +339,41 @@ def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data,
     ``generators``: the models' random streams for this probe (see ``Trainer.forks``).
     """
     trace: list = []
-    with trainer.act.drawing(generators, probing=True):
-        _, grad = trainer.gradients(flat, data, trace)
+    if trainer.generators is None and trainer.manual is not None:
+        # Nothing random: the training step's own gradients, and the activations from a
+        # forward pass without autograd.
+        with torch.no_grad():
+            batched.forward(trainer.layout, flat, data.X, trainer.act, trace)
+        _, grad = trainer.manual(flat, data.X, data.y)
+    else:
+        with trainer.act.drawing(generators, probing=True):
+            _, grad = trainer.gradients(flat, data, trace)
     norms = torch.stack([grad[:, s].norm(dim=1) for s in trainer.layout.weight_slices()], 1)
-    stats = []
-    for z, a, w in trace:  # (K, width, n) each; w: prelu's slopes or None
-        a = a.detach()
-        sat = trainer.act.saturated(z.detach(), None if w is None else w.detach())  # (K, n, w)
-        stats.append(torch.stack([a.mean((1, 2)), a.std(dim=(1, 2), correction=0),
-                                  sat.float().mean((1, 2)), sat.all(1).float().mean(1)], 1))
-    return norms.tolist(), torch.stack(stats, 1).tolist()  # (K, L), (K, hidden, 4)
+    return norms.tolist(), _layer_stats(trainer.act, trace).tolist()  # (K, L), (K, hidden, 4)
+
+
+def _layer_stats(act: StackedActivation, trace: list) -> torch.Tensor:
+    """(K, hidden, 4): mean, std, saturated and dead share of each traced layer's units,
+    layers of one shape at once."""
+    outs, sats = [a.detach() for _, a, _ in trace], _saturated(act, trace)
+    if len({a.shape for a in outs}) == 1:
+        groups = [(torch.stack(outs, 1), torch.stack(sats, 1))]  # (K, L, w, n), (K, L, n, w)
+    else:
+        groups = [(a[:, None], sat[:, None]) for a, sat in zip(outs, sats, strict=True)]
+    return torch.cat([torch.stack([*mean_std(a, (2, 3)), sat.float().mean((2, 3)),
+                                   sat.all(2).float().mean(2)], 2) for a, sat in groups], 1)
+
+
+def _saturated(act: StackedActivation, trace: list) -> list[torch.Tensor]:
+    """Per traced layer, (K, n, width) bool: which units are saturated. Layers of one shape
+    go through the activation's slope at once where it draws nothing and has no parameter
+    (32 layers of 64 units: 18 -> 5 ms, dev VM)."""
+    zs = [z.detach() for z, _, _ in trace]
+    if len(zs) > 1 and act.spec.name not in ("prelu", "rrelu") and len(
+            {z.shape for z in zs}) == 1:
+        return list(act.saturated(torch.cat(zs)).split(len(zs[0])))
+    return [act.saturated(z, None if w is None else w.detach()) for z, (_, _, w) in
+            zip(zs, trace, strict=True)]
 
 
 def _probe_record(norms: list[float], stats: list[list[float]], names: list[str],
