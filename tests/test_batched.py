@@ -51,8 +51,9 @@ def _plain(models, trains, configs, n_classes, vals, rngs):
     return out
 
 
-def _compare(configs, trains, n_classes, vals=None):
-    """Train copies of the same models both ways; assert they agree; return the results."""
+def _compare(configs, trains, n_classes, vals=None, unstable=()):
+    """Train copies of the same models both ways; assert they agree; return the results.
+    ``unstable``: names of parameters and buffers not compared (ending so)."""
     models, rngs = [], []  # rngs: where the plain loop starts training each (run.py's order)
     for c in configs:
         torch.manual_seed(c.seed)
@@ -67,8 +68,11 @@ def _compare(configs, trains, n_classes, vals=None):
         np.testing.assert_allclose(got.train_loss, want.train_loss, **LOSS_TOL)
         np.testing.assert_allclose(got.val_loss, want.val_loss, **LOSS_TOL)
         assert (got.best_epoch, got.diverged) == (want.best_epoch, want.diverged)
-        for p, q in zip(bm.parameters(), pm.parameters(), strict=True):
-            torch.testing.assert_close(p, q, equal_nan=True, **WEIGHT_TOL)
+        for (name, p), (_, q) in zip([*bm.named_parameters(), *bm.named_buffers()],
+                                     [*pm.named_parameters(), *pm.named_buffers()],
+                                     strict=True):
+            if not name.endswith(unstable):
+                torch.testing.assert_close(p, q, equal_nan=True, msg=name, **WEIGHT_TOL)
         assert sorted(rec.records) == sorted(prober.records)
         for epoch, record in prober.records.items():
             for row, ref in zip(rec.records[epoch]["rows"], record["rows"], strict=True):
@@ -127,6 +131,50 @@ def test_wide_and_deep_matches_plain_loop(dataset, cross, dropout, batch_size):
     _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
 
 
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full", "minibatch"])
+@pytest.mark.parametrize("momentum,activation,residual", [(0.0, "relu", False),
+                                                          (0.9, "tanh", True),
+                                                          (0.0, "selu", False)])
+def test_batch_norm_matches_plain_loop(momentum, activation, residual, batch_size):
+    """Batch statistics in training, running ones in validation and in the probes after it;
+    running means, variances and step counts as the plain loop leaves them (the best
+    epoch's under early stopping), per model; alpha dropout after selu."""
+    train, n_classes = _split("wine", rows=120)
+    val, _ = _split("wine", rows=40, offset=1)
+    configs = [make_config(optimizer="sgd", momentum=momentum, activation=activation,
+                           residual=residual, lr=0.05, epochs=15, norm="batch",
+                           batch_size=batch_size, widths=(7, 7), seed=s, probe_epochs=(3,),
+                           patience=4, dropout=0.2 if activation == "selu" else 0.0)
+               for s in range(3)]
+    _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
+    _compare(configs, [train] * 3, n_classes)  # no validation: probes in training mode
+
+
+@pytest.mark.parametrize("batch_size", [None, 40], ids=["full", "minibatch"])
+def test_batch_norm_under_adam_matches_but_for_the_biases_it_cancels(batch_size):
+    """A bias before batch norm has a gradient of zero plus rounding noise, which Adam scales
+    up to steps of about lr either way, differently on each engine (as on any two float32
+    implementations); batch statistics cancel it in training, so all else agrees: losses,
+    the other weights, running variances, probes in training mode."""
+    train, n_classes = _split("wine", rows=120)
+    configs = [make_config(optimizer="adam", activation="tanh", lr=0.01, epochs=12,
+                           norm="batch", batch_size=batch_size, widths=(7, 7), seed=s,
+                           probe_epochs=(3,)) for s in range(3)]
+    _compare(configs, [train] * 3, n_classes, unstable=("linear.bias", "running_mean"))
+
+
+def test_batch_norm_on_a_batch_of_one_row_fails_as_the_plain_loop_does():
+    train, n_classes = _split("wine", rows=41)  # batches of 40, then 1
+    config = make_config(norm="batch", batch_size=40, epochs=2, widths=(5,))
+    torch.manual_seed(0)
+    model = build_model(config, train.X.shape[1], n_classes)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as plain:
+        fit(copy.deepcopy(model), train, config, n_classes)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as fast:
+        fit_batched([model, copy.deepcopy(model)], [train] * 2, [config] * 2)
+    assert str(fast.value) == str(plain.value)
+
+
 def test_per_model_hyperparameters_data_and_layer_norm():
     """lr, momentum, weight decay and init per model; each model its own rows."""
     trains = [_split("wine", rows=100, offset=k)[0] for k in range(4)]
@@ -175,13 +223,16 @@ def test_early_stopping_and_divergence_per_model(activation, retire, monkeypatch
 
 @pytest.fixture(scope="module", params=[dict(activation="tanh"), dict(activation="rrelu"),
                                         dict(activation="relu", arch="widedeep", cross=True,
-                                             dropout=0.2)],
-                ids=["tanh", "rrelu", "widedeep-dropout"])
+                                             dropout=0.2),
+                                        dict(activation="relu", norm="batch", optimizer="sgd",
+                                             lr=0.05, batch_size=32)],
+                ids=["tanh", "rrelu", "widedeep-dropout", "batch-norm"])
 def summaries(request):
     """run_many on both engines: wine, 3 seeds, 3-fold cv (folds of 60/59/59 rows); random
-    slopes and masks come from the random state each fold's model was built in."""
+    slopes and masks come from the random state each fold's model was built in; batch norm's
+    predictions from the running statistics each fold's model was left with."""
     options = dict(dataset="wine", split="cv:3", optimizer="adam", lr=0.01, epochs=20,
-                   patience=4, probe_epochs=(5,), **request.param)
+                   patience=4, probe_epochs=(5,)) | request.param
     return {engine: run_many([make_config(seed=s, engine=engine, **options)
                               for s in range(3)]) for engine in ("plain", "batched")}
 
@@ -242,8 +293,10 @@ def test_random_slopes_masks_and_wide_and_deep_are_batched():
 
 
 def test_forcing_batched_on_an_unsupported_config_names_why():
-    with pytest.raises(UserError, match="batch norm"):
-        run_many([make_config(dataset="iris", norm="batch", engine="batched")])
+    with pytest.raises(UserError, match="engine batched cannot train this config: activation "
+                                        "rrelu on CUDA"):
+        run_many([make_config(dataset="iris", activation="rrelu", device="cuda",
+                              engine="batched")])
 
 
 def test_forced_batched_runs_a_single_config():

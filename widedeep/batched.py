@@ -35,8 +35,6 @@ SHAPE_FIELDS = ("dataset", "csv", "target", "split", "test_size", "standardize",
 
 def unsupported_reason(config: TrainConfig) -> str | None:
     """Why ``config`` needs the plain loop, or None when the batched engine can train it."""
-    if config.norm == "batch":
-        return "batch norm (running statistics per model)"
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         # NOTE: each model draws from its own copy of the plain loop's stream, on the CPU.
         if config.dropout > 0:
@@ -268,19 +266,118 @@ def _layer_norm(z: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.T
     return torch.addcmul(beta, normed, g)
 
 
+class BatchNorms:
+    """The batch-norm layers of K stacked models: their running statistics, and the mode
+    they normalise in, per model.
+
+    Each layer runs torch's own batch-norm kernel on its (K, width, n) pre-activations seen
+    as one sample of K * width channels over n rows: in training, each model's unit is
+    normalised by its own batch mean and biased variance, and (``update``) its running mean
+    and unbiased variance move towards them by ``momentum``; in evaluation, by its running
+    statistics -- as each model's ``nn.BatchNorm1d`` would. The mode is per model
+    (``training``: a bool, or a (K,) bool tensor): a probe evaluates the models whose plain
+    loop has just run a validation pass.
+    """
+
+    def __init__(self, models: list[nn.Module]):
+        norms = [[m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+                 for model in models]
+        self.momentum, self.eps = norms[0][0].momentum, norms[0][0].eps
+        self.widths = [m.num_features for m in norms[0]]
+        self.means = [torch.stack([ms[i].running_mean for ms in norms]).clone()
+                      for i in range(len(self.widths))]  # per layer (K, width)
+        self.vars = [torch.stack([ms[i].running_var for ms in norms]).clone()
+                     for i in range(len(self.widths))]
+        self.steps = torch.stack([ms[0].num_batches_tracked for ms in norms]).to(
+            self.means[0].dtype)[:, None]  # (K, 1): num_batches_tracked
+        self.training: bool | torch.Tensor = True
+        self.update = False
+
+    @property
+    def state(self) -> torch.Tensor:
+        """(K, B): each layer's running mean and running variance, then the steps taken."""
+        return torch.cat([t for pair in zip(self.means, self.vars, strict=True) for t in pair]
+                         + [self.steps], 1)
+
+    @state.setter
+    def state(self, state: torch.Tensor) -> None:
+        parts = state.split([w for w in self.widths for _ in (0, 1)] + [1], dim=1)
+        self.means = [t.contiguous() for t in parts[0:-1:2]]
+        self.vars = [t.contiguous() for t in parts[1:-1:2]]
+        self.steps = parts[-1].contiguous()
+
+    @contextmanager
+    def mode(self, training: bool | list[bool], update: bool = False):
+        """Inside, normalise in ``training`` mode (per model, or all), and with ``update``
+        move the running statistics (a training step)."""
+        saved = self.training, self.update
+        if not isinstance(training, bool):
+            training = (training[0] if len(set(training)) == 1 else
+                        torch.tensor(training, device=self.steps.device))
+        self.training, self.update = training, update
+        try:
+            yield
+        finally:
+            self.training, self.update = saved
+
+    def __call__(self, i: int, z: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+        """Layer i's batch norm of z (K, width, n), affine weight and bias (K, width, 1)."""
+        K, width, n = z.shape
+        x = z.reshape(1, K * width, n)
+        weight, bias = weight.reshape(K * width), bias.reshape(K * width)
+        means, variances = self.means[i].view(-1), self.vars[i].view(-1)
+        out = None
+        if self.training is not False:
+            if n == 1:  # as nn.BatchNorm1d: a batch of one row has no variance
+                raise ValueError("Expected more than 1 value per channel when training, "
+                                 f"got input size {torch.Size([1, width])}")
+            moved = self.update and self.training is True
+            out = F.batch_norm(x, means if moved else None, variances if moved else None,
+                               weight, bias, True, self.momentum, self.eps)
+        if self.training is not True:
+            evaluated = F.batch_norm(x, means, variances, weight, bias, False, self.momentum,
+                                     self.eps)
+            out = evaluated if out is None else torch.where(
+                self.training.repeat_interleave(width)[None, :, None], out, evaluated)
+        return out.view(K, width, n)
+
+    def stepped(self) -> None:
+        """One training step more (``num_batches_tracked``)."""
+        self.steps += 1
+
+    def select(self, idx: torch.Tensor) -> None:
+        self.means = [t[idx] for t in self.means]
+        self.vars = [t[idx] for t in self.vars]
+        self.steps = self.steps[idx]
+
+    @torch.no_grad()
+    def write(self, models: list[nn.Module]) -> None:
+        """Model k's batch-norm buffers from row k of the running statistics."""
+        for k, model in enumerate(models):
+            norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+            for m, mean, var in zip(norms, self.means, self.vars, strict=True):
+                m.running_mean.copy_(mean[k]), m.running_var.copy_(var[k])
+                m.num_batches_tracked.fill_(int(self.steps[k]))
+
+
 def forward(layout: Layout, flat: torch.Tensor | dict[str, torch.Tensor], X: torch.Tensor,
-            act: StackedActivation, trace: list | None = None) -> torch.Tensor:
+            act: StackedActivation, trace: list | None = None,
+            norms: BatchNorms | None = None) -> torch.Tensor:
     """Logits (K, n_out, n) of all K models on X: (d, n) shared or (K, d, n) per model.
 
     ``flat``: the (K, P) parameters, or their (K, *shape) tensors by name, as
     ``layout.views`` gives them. With ``trace``, appends (pre-activation, activation,
-    prelu's slope or None) of each hidden layer.
+    prelu's slope or None) of each hidden layer. ``norms``: the batch-norm layers' state
+    (batch norm only).
     """
     p, h = flat if isinstance(flat, dict) else layout.views(flat), X
     for i in range(layout.depth):
         z = linear(p[f"blocks.{i}.linear.weight"], p[f"blocks.{i}.linear.bias"], h)
         if layout.norm == "layer":
             z = _layer_norm(z, p[f"blocks.{i}.norm.weight"], p[f"blocks.{i}.norm.bias"])
+        elif layout.norm == "batch":
+            z = norms(i, z, p[f"blocks.{i}.norm.weight"], p[f"blocks.{i}.norm.bias"])
         w = p.get(f"blocks.{i}.activation.weight")  # prelu's slope (K, 1, 1)
         a = act(z, w)  # (K, width, n)
         if trace is not None:

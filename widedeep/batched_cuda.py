@@ -20,7 +20,8 @@ WARMUP_STEPS = 3  # eager steps on a side stream before capture, as torch.cuda.g
 def can_capture(trainer, data) -> bool:
     """Full-batch training with everything on one CUDA device."""
     full = trainer.batch_size is None or trainer.batch_size >= data.n
-    return full and trainer.flat.is_cuda and data.X.is_cuda
+    # NOTE: batch norm's running statistics are updated in place outside the step's tensors
+    return full and trainer.flat.is_cuda and data.X.is_cuda and trainer.norms is None
 
 
 def capture_step(trainer, data) -> Callable[[], torch.Tensor]:

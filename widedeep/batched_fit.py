@@ -14,6 +14,7 @@ the histories are cut at each model's stop epoch.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -90,11 +91,23 @@ class Trainer:
         # layout allows; else autograd.
         self.manual = (FusedStep.create(self.layout, self.flat.device, len(self.flat), self.act)
                        or ManualStep.create(self.layout, self.act))
+        # batch norm's running statistics (its steps are autograd's: neither step above has it)
+        self.norms = batched.BatchNorms(models) if self.layout.norm == "batch" else None
 
     def losses(self, flat: torch.Tensor, data: Data, trace: list | None = None) -> torch.Tensor:
-        """(K,) per-model mean loss on ``data``."""
-        return batched.per_model_loss(batched.forward(self.layout, flat, data.X, self.act,
-                                                      trace), data.y)
+        """(K,) per-model mean loss on ``data``, evaluated (batch norm: running statistics)."""
+        with self.norm_mode(False):
+            return batched.per_model_loss(batched.forward(self.layout, flat, data.X, self.act,
+                                                          trace, self.norms), data.y)
+
+    def norm_mode(self, training: bool | list[bool], update: bool = False):
+        """Batch norm's mode inside (see ``batched.BatchNorms.mode``); training by default."""
+        return self.norms.mode(training, update) if self.norms is not None else nullcontext()
+
+    def state(self) -> torch.Tensor:
+        """(K, P + B): the parameters, then batch norm's running statistics where it has
+        them: what the book keeps of the best and the final epoch."""
+        return self.flat if self.norms is None else torch.cat([self.flat, self.norms.state], 1)
 
     def autograd(self, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
         """(K,) losses and (K, P) gradients at the current weights, by autograd: the step
@@ -113,18 +126,21 @@ class Trainer:
         leaves = {name: view.detach().requires_grad_(True)
                   for name, view in self.layout.views(flat.detach()).items()}
         loss = batched.per_model_loss(batched.forward(self.layout, leaves, data.X, self.act,
-                                                      trace), data.y)
+                                                      trace, self.norms), data.y)
         # sum: each model its own gradient
         grads = torch.autograd.grad(loss.sum(), list(leaves.values()), materialize_grads=True)
         return loss.detach(), torch.cat([g.reshape(g.shape[0], -1) for g in grads], 1)
 
     def step(self, data: Data) -> torch.Tensor:
         """One update of every model on ``data``; returns the (K,) losses before it."""
-        with self.act.drawing(self.generators):  # training: rrelu's slopes, dropout's masks
+        # training: rrelu's slopes, dropout's masks, batch norm's batch statistics
+        with self.act.drawing(self.generators), self.norm_mode(True, update=True):
             if self.manual is not None:
                 loss, grad = self.manual(self.flat, data.X, data.y)
             else:
                 loss, grad = self.autograd(data)
+        if self.norms is not None:
+            self.norms.stepped()
         self.opt.step(self.flat, grad)
         return loss.detach()
 
@@ -148,6 +164,8 @@ class Trainer:
         idx = torch.tensor(keep, device=self.flat.device)
         self.flat = self.flat[idx]
         self.opt.select(idx)
+        if self.norms is not None:
+            self.norms.select(idx)
         self.models = [self.models[i] for i in keep]
         self.configs = [self.configs[i] for i in keep]
         if self.generators is not None:
@@ -257,11 +275,10 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
     if cuda_graphs and batched_cuda.can_capture(trainer, data):
         trainer.graph = batched_cuda.capture_step(trainer, data)
     val = stack_data(vals) if vals is not None else None
-    book = Book(trainer.flat, configs[0].patience)
+    book = Book(trainer.state(), configs[0].patience)
     everyone, generators = data, trainer.generators  # for the final probe
     # The plain loop probes in training mode, but in evaluation mode after a validation pass.
-    probes = {0: _by_model(probe_all(trainer, trainer.flat, data, trainer.forks([True] * K)),
-                           range(K))}
+    probes = {0: _by_model(probe_all(trainer, trainer.flat, data, [True] * K), range(K))}
     wanted = set(configs[0].probe_epochs)
     # NOTE: on the CPU, where checking costs no device sync, models leave the stack at the
     # epoch they stop (patience or divergence): the others go on without carrying them.
@@ -277,11 +294,11 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
         if val is not None:
             with torch.no_grad():
                 val_history.append((trainer.losses(trainer.flat, val), active))
-        book.update(epoch, loss, val_history[-1][0] if val is not None else None, trainer.flat)
+        book.update(epoch, loss, val_history[-1][0] if val is not None else None,
+                    trainer.state())
         if epoch in wanted:
             probes[epoch] = _by_model(probe_all(trainer, trainer.flat, data,
-                                                trainer.forks([val is None] * len(active))),
-                                      active)
+                                                [val is None] * len(active)), active)
         if retire:
             stopped = book.stopped.tolist()
             if any(stopped):
@@ -296,10 +313,14 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
             break
     done |= _retire(book, trainer, active, [i for i, k in enumerate(active) if k not in done])
     final = torch.stack([done[k].weights for k in range(K)])
+    final, buffers = final[:, :trainer.flat.shape[1]], final[:, trainer.flat.shape[1]:]
     batched.unstack(final, models)
+    if trainer.norms is not None:  # the final probe and the models: the final statistics
+        trainer.norms.state = buffers
+        trainer.norms.write(models)
     states = [done[k].rng for k in range(K)] if generators is not None else None
-    probes[-1] = _by_model(probe_all(trainer, final, everyone, trainer.forks(
-        [val is None or done[k].diverged for k in range(K)], states)), range(K))
+    probes[-1] = _by_model(probe_all(trainer, final, everyone, [
+        val is None or done[k].diverged for k in range(K)], states), range(K))
     return _results(done, history, val_history, probes, trainer.layer_names())
 
 
@@ -315,7 +336,7 @@ class Retired:
 
 
 def _retire(book: Book, trainer: Trainer, active: list[int], rows) -> dict[int, Retired]:
-    weights = book.final_weights(trainer.flat)
+    weights = book.final_weights(trainer.state())
     stop, diverged = book.stop_epoch.tolist(), book.diverged.tolist()
     best = book.best_epoch.tolist()
     gens = trainer.generators
@@ -330,15 +351,19 @@ def _by_model(probe: tuple[list, list], models) -> dict[int, tuple[list, list]]:
     return {k: (norms[i], stats[i]) for i, k in enumerate(models)}
 
 
-def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data,
-              generators: list[torch.Generator | None] | None = None) -> tuple[list, list]:
+def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data, training: list[bool],
+              states: list[torch.Tensor] | None = None) -> tuple[list, list]:
     """Per-model grad norms (K, layers) and activation stats (K, hidden, 4), on the host.
 
     The same quantities as ``widedeep.probes.probe``: L2 norm of each Linear weight's
     gradient of the full-batch loss; mean, std, saturated and dead share of each activation.
-    ``generators``: the models' random streams for this probe (see ``Trainer.forks``).
+    Model k is probed in training mode where ``training[k]``, else evaluated (as the plain
+    loop's model is after a validation pass); its random streams start at ``states[k]``
+    (default: where they stand, see ``Trainer.forks``). Batch norm's running statistics
+    are left as they are, as the plain probe leaves them.
     """
     trace: list = []
+    generators = trainer.forks(training, states)
     if trainer.generators is None and trainer.manual is not None:
         # Nothing random: the training step's own gradients, and the activations from a
         # forward pass without autograd.
@@ -346,7 +371,7 @@ def probe_all(trainer: Trainer, flat: torch.Tensor, data: Data,
             batched.forward(trainer.layout, flat, data.X, trainer.act, trace)
         _, grad = trainer.manual(flat, data.X, data.y)
     else:
-        with trainer.act.drawing(generators, probing=True):
+        with trainer.act.drawing(generators, probing=True), trainer.norm_mode(training):
             _, grad = trainer.gradients(flat, data, trace)
     norms = torch.stack([grad[:, s].norm(dim=1) for s in trainer.layout.weight_slices()], 1)
     return norms.tolist(), _layer_stats(trainer.act, trace).tolist()  # (K, L), (K, hidden, 4)

@@ -140,8 +140,8 @@ def run_search(*, study: str | None = None, dataset: str = "diabetes", split: st
                max_epochs: int = 300, engine: str = "auto",
                background: bool = False) -> dict | SearchJob:
     """Run (or resume) a search; returns :func:`search_results`. ``engine``: auto, or plain
-    to train every trial on the plain loop (batched cannot be forced: batch norm, in the
-    search space, needs the plain loop). ``background``: run
+    to train every trial on the plain loop (batched cannot be forced: on CUDA, dropout and
+    rrelu, in the search space, need the plain loop). ``background``: run
     it in worker processes (one torch thread each) while the caller goes on, and return
     their :class:`SearchJob` as soon as the study and its baselines exist."""
     if trials < 1 or workers < 1 or max_depth < 1 or max_epochs < 1:
