@@ -150,6 +150,20 @@ def test_batch_norm_matches_plain_loop(momentum, activation, residual, batch_siz
     _compare(configs, [train] * 3, n_classes)  # no validation: probes in training mode
 
 
+@pytest.mark.parametrize("options", [dict(arch="widedeep", cross=True, activation="tanh"),
+                                     dict(activation="prelu"),
+                                     dict(activation="rrelu", dropout=0.2),
+                                     dict(activation="softmax", widths=(8, 5, 6))],
+                         ids=["widedeep", "prelu", "rrelu-dropout", "softmax-ragged"])
+def test_batch_norm_with_every_other_option_matches_plain_loop(options):
+    train, n_classes = _split("wine", rows=120)
+    val, _ = _split("wine", rows=40, offset=1)
+    configs = [make_config(seed=s, **{**dict(optimizer="sgd", lr=0.05, epochs=10, norm="batch",
+                                             widths=(7, 7), patience=3, probe_epochs=(2,)),
+                                      **options}) for s in range(3)]
+    _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
+
+
 @pytest.mark.parametrize("batch_size", [None, 40], ids=["full", "minibatch"])
 def test_batch_norm_under_adam_matches_but_for_the_biases_it_cancels(batch_size):
     """A bias before batch norm has a gradient of zero plus rounding noise, which Adam scales
