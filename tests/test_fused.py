@@ -176,6 +176,22 @@ def test_fused_gradients_at_the_widest_layers_it_takes(activation):
 
 
 @needs_kernel
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", ["hardswish", "hardsigmoid", "softshrink", "softsign",
+                                        "threshold", "prelu", "gelu"])
+def test_fused_gradients_of_nets_keeping_more_than_the_caches_hold(activation, residual):
+    """8 x 64 units on 607 rows keep 1.3 MB of pre-activations per model: past
+    STREAM_BYTES, the kernel writes them around the caches (the cheap activations)."""
+    trainer = _trainer(2, 2, activation=activation, widths=(64,) * 8, residual=residual)
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(2, 607, 2, shared=True)
+    want_loss, want_grad = trainer.autograd(Data(X, y))
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernel
 @pytest.mark.parametrize("n_classes", [2, 3])
 @pytest.mark.parametrize("weight_scale", [30.0, 1e6])
 @pytest.mark.parametrize("activation", fused.ACTIVATIONS)
