@@ -49,6 +49,16 @@ def _data(k: int, n: int, n_classes: int, shared: bool, scale: float = 2.0):
     return X, y
 
 
+def _matches_autograd(trainer: Trainer, X: torch.Tensor, y: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assert the trainer's step gives autograd's losses and gradients; returns them."""
+    want_loss, want_grad = trainer.autograd(Data(X, y))
+    loss, grad = trainer.manual(trainer.flat, X, y)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    return loss, grad
+
+
 @needs_kernel
 def test_the_kernel_builds_where_there_is_a_compiler():
     assert fused.library() is not None, fused.status()
@@ -66,10 +76,7 @@ def test_fused_gradients_equal_autograd(activation, n_classes, shared, n):
     trainer = _trainer(4, n_classes, activation=activation, widths=(7, 16, 3))
     assert isinstance(trainer.manual, fused.FusedStep)
     X, y = _data(4, n, n_classes, shared)
-    want_loss, want_grad = trainer.autograd(Data(X, y))
-    loss, grad = trainer.manual(trainer.flat, X, y)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    _, grad = _matches_autograd(trainer, X, y)
     assert grad.abs().sum() > 0
 
 
@@ -87,10 +94,7 @@ def test_fused_gradients_of_residual_blocks_equal_autograd(activation, n_classes
     assert any(trainer.layout.residual) and not all(trainer.layout.residual)
     assert isinstance(trainer.manual, fused.FusedStep)
     X, y = _data(3, 77, n_classes, shared)
-    want_loss, want_grad = trainer.autograd(Data(X, y))
-    loss, grad = trainer.manual(trainer.flat, X, y)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    _matches_autograd(trainer, X, y)
 
 
 @needs_kernel
@@ -105,10 +109,7 @@ def test_fused_gradients_of_wide_and_deep_equal_autograd(activation, cross, n_cl
                        arch="widedeep", cross=cross)
     assert trainer.layout.wide and isinstance(trainer.manual, fused.FusedStep)
     X, y = _data(3, 77, n_classes, shared)
-    want_loss, want_grad = trainer.autograd(Data(X, y))
-    loss, grad = trainer.manual(trainer.flat, X, y)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    _, grad = _matches_autograd(trainer, X, y)
     wide = trainer.layout.views(grad)["wide.weight"]
     assert wide.shape[-1] == D + (D * (D - 1) // 2 if cross else 0) and (wide != 0).all()
 
@@ -157,10 +158,7 @@ def test_fused_layer_norm_gradients_equal_autograd(activation, options, n_classe
             columns = slice(offsets[name], offsets[name] + shape[0])
             trainer.flat[:, columns] += 0.3 * torch.randn(3, shape[0], generator=g)
     X, y = _data(3, 77, n_classes, shared=False)
-    want_loss, want_grad = trainer.autograd(Data(X, y))
-    loss, grad = trainer.manual(trainer.flat, X, y)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    _matches_autograd(trainer, X, y)
 
 
 @needs_kernel
@@ -169,10 +167,7 @@ def test_fused_gradients_at_the_widest_layers_it_takes(activation):
     trainer = _trainer(2, 3, activation=activation, widths=(fused.MAX_WIDTH, fused.MAX_WIDTH))
     assert isinstance(trainer.manual, fused.FusedStep)
     X, y = _data(2, 245, 3, shared=False)
-    want_loss, want_grad = trainer.autograd(Data(X, y))
-    loss, grad = trainer.manual(trainer.flat, X, y)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    _matches_autograd(trainer, X, y)
 
 
 @needs_kernel
@@ -185,10 +180,7 @@ def test_fused_gradients_of_nets_keeping_more_than_the_caches_hold(activation, r
     trainer = _trainer(2, 2, activation=activation, widths=(64,) * 8, residual=residual)
     assert isinstance(trainer.manual, fused.FusedStep)
     X, y = _data(2, 607, 2, shared=True)
-    want_loss, want_grad = trainer.autograd(Data(X, y))
-    loss, grad = trainer.manual(trainer.flat, X, y)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    _matches_autograd(trainer, X, y)
 
 
 @needs_kernel
@@ -262,10 +254,7 @@ def test_prelu_slopes_per_model_and_layer_and_their_gradients(widths):
     slopes = torch.tensor([[0.25, -0.5, 0.0], [1.5, 0.1, -2.0], [0.0, 0.3, 0.7]])
     trainer.flat[:, columns] = slopes[:, :len(widths)]
     X, y = _data(3, 77, 3, shared=False)
-    want_loss, want_grad = trainer.autograd(Data(X, y))
-    loss, grad = trainer.manual(trainer.flat, X, y)
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+    loss, grad = _matches_autograd(trainer, X, y)
     assert (grad[:, columns] != 0).all()  # every slope gets a gradient
     assert len(set(loss.tolist())) == 3
 
