@@ -280,8 +280,7 @@ class BatchNorms:
     """
 
     def __init__(self, models: list[nn.Module]):
-        norms = [[m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
-                 for model in models]
+        norms = [_batch_norms(model) for model in models]
         self.momentum, self.eps = norms[0][0].momentum, norms[0][0].eps
         self.widths = [m.num_features for m in norms[0]]
         self.means = [torch.stack([ms[i].running_mean for ms in norms]).clone()
@@ -355,10 +354,14 @@ class BatchNorms:
     def write(self, models: list[nn.Module]) -> None:
         """Model k's batch-norm buffers from row k of the running statistics."""
         for k, model in enumerate(models):
-            norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
-            for m, mean, var in zip(norms, self.means, self.vars, strict=True):
+            for m, mean, var in zip(_batch_norms(model), self.means, self.vars, strict=True):
                 m.running_mean.copy_(mean[k]), m.running_var.copy_(var[k])
                 m.num_batches_tracked.fill_(int(self.steps[k]))
+
+
+def _batch_norms(model: nn.Module) -> list[nn.BatchNorm1d]:
+    """A model's batch-norm layers, input to head."""
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
 
 
 def forward(layout: Layout, flat: torch.Tensor | dict[str, torch.Tensor], X: torch.Tensor,

@@ -205,10 +205,7 @@ class Store:
 
     def update(self, study: str, key: str, owner: str, **values) -> bool:
         """Change a row the token ``owner`` still holds; False when the lease was lost."""
-        with self.engine.begin() as conn:
-            done = conn.execute(sa.update(CLAIMS).where(
-                C.study == study, C.key == key, C.token == owner).values(**values))
-        return done.rowcount == 1
+        return self.update_many(study, [(key, owner, values)])[0]
 
     def update_many(self, study: str, changes: list[tuple[str, str, dict]]) -> list[bool]:
         """:meth:`update` for several (key, owner, values), in one transaction."""

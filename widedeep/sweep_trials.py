@@ -114,9 +114,7 @@ def start(storage: optuna.storages.RDBStorage, study_id: int, trials: list[NewTr
                                "distribution_json": distribution_to_json(dist)})
             user += _attr_rows(trial_id, t.user_attrs)
             system += _attr_rows(trial_id, t.system_attrs)
-        for key, rows in (("params", params), ("user", user), ("system", system)):
-            if rows:
-                conn.execute(tb[key].insert(), rows)
+        _insert(conn, params=params, user=user, system=system)
     return out
 
 
@@ -142,9 +140,7 @@ def end(storage: optuna.storages.RDBStorage, endings: list[Ending], *,
                 values.append({"trial_id": e.trial_id, "objective": 0, "value": stored,
                                "value_type": kind})
             user += _attr_rows(e.trial_id, e.user_attrs)
-        for key, rows in (("values", values), ("user", user)):
-            if rows:
-                conn.execute(tb[key].insert(), rows)
+        _insert(conn, values=values, user=user)
     return out
 
 
@@ -157,6 +153,13 @@ def _end_public(storage: optuna.storages.RDBStorage, e: Ending) -> bool:
     except _FINISHED:
         return False
     return True
+
+
+def _insert(conn: sa.Connection, **rows: list[dict]) -> None:
+    """Rows into Optuna's tables, named as in ``SCHEMA.tables``, one statement per table."""
+    for key, table_rows in rows.items():
+        if table_rows:
+            conn.execute(SCHEMA.tables[key].insert(), table_rows)
 
 
 def _attr_rows(trial_id: int, attrs: dict) -> list[dict]:
