@@ -162,6 +162,25 @@ def test_fused_layer_norm_gradients_equal_autograd(activation, options, n_classe
 
 
 @needs_kernel
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "prelu"])
+# mini-batch sizes: one row chunk (1, 16), two (32), a ragged five (77), the most taking the
+# transposed weight gradient (128: 8 chunks) and one more chunk than that (129)
+@pytest.mark.parametrize("n", [1, 16, 32, 77, 128, 129])
+def test_fused_gradients_of_small_batches_equal_autograd(activation, n_classes, n):
+    """Few row chunks: the products' wide blocks of outputs (40 outputs: a block of 24 and
+    four of 4 on one chunk; 112: nine of 12 and one of 4 on two), and weight gradients
+    through the transposed inputs where a layer has whole vectors of them (112: a block of 6
+    and one of 1; 32, 16) beside ones that have not (40, and Wide & Deep's wide part on 5
+    features)."""
+    trainer = _trainer(2, n_classes, activation=activation, widths=(40, 112, 32, 16),
+                       arch="widedeep")
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(2, n, n_classes, shared=False)
+    _matches_autograd(trainer, X, y)
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "logsoftmax"])
 def test_fused_gradients_at_the_widest_layers_it_takes(activation):
     trainer = _trainer(2, 3, activation=activation, widths=(fused.MAX_WIDTH, fused.MAX_WIDTH))

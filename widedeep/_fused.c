@@ -314,10 +314,20 @@ ALWAYS_INLINE vf act_back(vf g, vf a, vf z, int act, float p0, float p1) {
 #define CB 3
 #endif
 
-/* The jb x cb block at (o0, c0), started from the bias b (or zero where b is NULL). */
+/* Accumulators a block may hold: JB x CB for whole blocks; a block of fewer chunks (the last
+ * cw < CB of a layer's, or all of them where the batch is small) takes more outputs
+ * instead, ACC / cw. With one or two chunks (mini-batches of 16 or 32 rows), JB outputs
+ * would leave most of the FMA units idle: 4 chains of 4-cycle FMAs, against the 8 that two
+ * units keep busy. */
+#define ACC (JB * CB)
+
+/* The jb x cb block at (o0, c0), started from the bias b (or zero where b is NULL), into
+ * out: rows of nc vectors (of V floats), aligned as vectors unless unaligned (stores that
+ * allow either cost ~6 % more at full batch). */
 ALWAYS_INLINE void block_(const float *W, long so, long sr, int nr, const float *b,
-                          const vf *x, int nc, int o0, int c0, int jb, int cb, vf *z) {
-    vf acc[JB][CB];
+                          const vf *x, int nc, int o0, int c0, int jb, int cb, float *out,
+                          int unaligned) {
+    vf acc[ACC][CB];
     for (int j = 0; j < jb; j++)
         for (int u = 0; u < cb; u++) acc[j][u] = splat(b ? b[o0 + j] : 0.0f);
     const float *w = W + o0 * so;
@@ -331,16 +341,49 @@ ALWAYS_INLINE void block_(const float *W, long so, long sr, int nr, const float 
         }
     }
     for (int j = 0; j < jb; j++)
-        for (int u = 0; u < cb; u++) z[(long)(o0 + j) * nc + c0 + u] = acc[j][u];
+        for (int u = 0; u < cb; u++) {
+            long at = (long)(o0 + j) * nc + c0 + u;
+            if (unaligned)
+                memcpy(out + at * V, &acc[j][u], sizeof(vf));
+            else
+                ((vf *)out)[at] = acc[j][u];
+        }
 }
 
-/* Chunks [c0, c0 + cw) of every output: JB-, 2- and 1-output blocks. */
+/* Chunks [c0, c0 + cw) of every output: blocks of ACC / cw outputs, then of 4, 2 and 1. */
 ALWAYS_INLINE void columns_(const float *W, long so, long sr, int nr, const float *b,
-                            const vf *x, int no, int nc, int c0, int cw, vf *z) {
+                            const vf *x, int no, int nc, int c0, int cw, float *out,
+                            int unaligned) {
+    const int jb = ACC / cw;
     int o = 0;
-    for (; o + JB <= no; o += JB) block_(W, so, sr, nr, b, x, nc, o, c0, JB, cw, z);
-    for (; o + 2 <= no; o += 2) block_(W, so, sr, nr, b, x, nc, o, c0, 2, cw, z);
-    for (; o < no; o++) block_(W, so, sr, nr, b, x, nc, o, c0, 1, cw, z);
+#define BLOCKS(J) block_(W, so, sr, nr, b, x, nc, o, c0, J, cw, out, unaligned)
+    for (; o + jb <= no; o += jb) BLOCKS(jb);
+    for (; jb > 4 && o + 4 <= no; o += 4) BLOCKS(4);
+    for (; jb > 2 && o + 2 <= no; o += 2) BLOCKS(2);
+    for (; o < no; o++) BLOCKS(1);
+#undef BLOCKS
+}
+
+/* columns_ for the last cw < CB chunks, cw known at compile time in each case. */
+static void columns_rest(const float *W, long so, long sr, int nr, const float *b,
+                         const vf *x, int no, int nc, int c0, int cw, float *out,
+                         int unaligned) {
+    switch (cw) {
+#define CASE(N)                                                                              \
+    case N:                                                                                  \
+        if (unaligned) columns_(W, so, sr, nr, b, x, no, nc, c0, N, out, 1);                 \
+        else columns_(W, so, sr, nr, b, x, no, nc, c0, N, out, 0);                           \
+        break;
+    CASE(1)
+    CASE(2)
+#if CB > 3
+    CASE(3)
+    CASE(4)
+    CASE(5)
+#endif
+#undef CASE
+    default: break;
+    }
 }
 
 /* Applies the activation to chunks [c0, c0 + cw) of z (no, nc), keeping its input in pre
@@ -501,12 +544,12 @@ static void product(const float *W, long so, long sr, int nr, const float *b, co
                     const vf *a) {
     int c = 0;
     for (; c + CB <= nc; c += CB) {
-        columns_(W, so, sr, nr, b, x, no, nc, c, CB, z);
+        columns_(W, so, sr, nr, b, x, no, nc, c, CB, (float *)z, 0);
         apply(back, act, p, z, pre, a, no, nc, c, CB);
     }
-    for (; c < nc; c++) {
-        columns_(W, so, sr, nr, b, x, no, nc, c, 1, z);
-        apply(back, act, p, z, pre, a, no, nc, c, 1);
+    if (c < nc) {
+        columns_rest(W, so, sr, nr, b, x, no, nc, c, nc - c, (float *)z, 0);
+        apply(back, act, p, z, pre, a, no, nc, c, nc - c);
     }
 }
 
@@ -619,14 +662,82 @@ static void grad_block(const vf *g, const vf *h, int in, int nc, int j0, int i0,
 }
 #endif
 
+#if defined(__AVX512F__)
+/* x and y swap their off-diagonal b x b blocks: in each block of 2b lanes, x keeps its first
+ * half and takes y's first half as its second, y takes x's second half as its first. */
+ALWAYS_INLINE void swap_blocks(vf *x, vf *y, int b) {
+    vf a = *x, c = *y;
+    switch (b) {
+    case 8:
+        *x = __builtin_shufflevector(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+        *y = __builtin_shufflevector(a, c, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        return;
+    case 4:
+        *x = __builtin_shufflevector(a, c, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+        *y = __builtin_shufflevector(a, c, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+        return;
+    case 2:
+        *x = __builtin_shufflevector(a, c, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+        *y = __builtin_shufflevector(a, c, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+        return;
+    case 1:
+        *x = __builtin_shufflevector(a, c, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+        *y = __builtin_shufflevector(a, c, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+        return;
+    }
+}
+#endif
+
+/* T (rows, in) = h (in, rows) transposed: rows [0, nc V) of h's rows of nc vectors, into
+ * rows of in / V vectors (in a multiple of V). With AVX-512, 16 x 16 tiles in registers
+ * (four rounds of swap_blocks); elsewhere, one float at a time. */
+static void transpose(const vf *h, int in, int nc, vf *T) {
+#if defined(__AVX512F__)
+    for (int i0 = 0; i0 < in; i0 += V)
+        for (int c = 0; c < nc; c++) {
+            vf t[V];
+            for (int u = 0; u < V; u++) t[u] = h[(long)(i0 + u) * nc + c];
+            for (int b = V / 2; b >= 1; b /= 2)
+                for (int u = 0; u < V; u++)
+                    if ((u & b) == 0) swap_blocks(&t[u], &t[u + b], b);
+            for (int u = 0; u < V; u++) T[((long)c * V + u) * (in / V) + i0 / V] = t[u];
+        }
+#else
+    const float *hf = (const float *)h;
+    float *tf = (float *)T;
+    long rows = (long)nc * V;
+    for (int i = 0; i < in; i++)
+        for (long r = 0; r < rows; r++) tf[r * in + i] = hf[(long)i * rows + r];
+#endif
+}
+
+/* dense_grad where the batch is small (nc <= GRAD_ROWS_NC) and in is a multiple of V: dW =
+ * g T, T = h^T (rows, in) in scratch, as the blocked product that the forward pass uses,
+ * with a row's inputs as the vector axis. The row axis would need a lane sum per entry of
+ * dW, which costs more than its nc FMAs once nc is small (mini-batches of 32 rows: nc = 2);
+ * here the transposition, in x rows floats, is shared by all out rows of dW. */
+#define GRAD_ROWS_NC 8
+static void dense_grad_rows(const vf *g, const vf *h, int in, int out, int n, int nc,
+                            float *dW, vf *T) {
+    transpose(h, in, nc, T);
+    int ci = in / V, c = 0;
+    const float *G = (const float *)g;
+    for (; c + CB <= ci; c += CB) columns_(G, (long)nc * V, 1, n, NULL, T, out, ci, c, CB, dW, 1);
+    if (c < ci) columns_rest(G, (long)nc * V, 1, n, NULL, T, out, ci, c, ci - c, dW, 1);
+}
+
 /* dW (out, in) = g h^T, db (out) = g summed over rows. With AVX-512, blocks of 4 outputs x
  * 4 inputs (grad_block) up to the last multiple of 4 of each; elsewhere, and for the
  * outputs beyond, blocks of 2 outputs x 4 inputs share their loads (6 vectors for 8 FMAs,
  * against 2 for 1 in a plain dot product); the 4 input rows of a block stay in L1 while
  * every output block streams past them. */
-static void dense_grad(const vf *g, const vf *h, int in, int out, int nc, float *dW,
-                       float *db) {
+static void dense_grad(const vf *g, const vf *h, int in, int out, int n, int nc, float *dW,
+                       float *db, vf *T) {
     for (int j = 0; j < out; j++) db[j] = total(g + (long)j * nc, nc);
+    if (nc <= GRAD_ROWS_NC && in % V == 0) {
+        dense_grad_rows(g, h, in, out, n, nc, dW, T);
+        return;
+    }
     int j_start = 0; /* outputs below it are done in 4 x 4 blocks, for inputs below in & ~3 */
 #if defined(__AVX512F__)
     j_start = out & ~3;
@@ -875,8 +986,9 @@ static int step_models(const struct step *s, int k0, int k1) {
     }
     long dropped = noise != NULL ? hidden : 0; /* rows of dropout's factors */
     long normed = ln_off != NULL ? hidden + depth : 0; /* layer norm's xhat and rstd rows */
+    int tw = dw > maxw ? dw : maxw; /* rows of T, dense_grad's scratch */
     long floats = ((long)(dw > d ? dw : d) + 2 * hidden + dropped + normed + n_out + 4L * maxw
-                   + 1) * nc * V;
+                   + tw + 1) * nc * V;
     size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     vf *buf = aligned_alloc(64, bytes + 2 * (size_t)nc * sizeof(vi));
     if (buf == NULL) return -1;
@@ -893,7 +1005,7 @@ static int step_models(const struct step *s, int k0, int k1) {
     vf *g1 = out + (long)n_out * nc, *g2 = g1 + (long)maxw * nc, *G = g2 + (long)maxw * nc;
     vf *G_new = G + (long)maxw * nc, *drop = G_new + (long)maxw * nc;
     vf *xhat = drop + dropped * nc, *rstd = xhat + (ln_off ? hidden : 0) * nc;
-    vf *target = xhat + normed * nc;
+    vf *target = xhat + normed * nc, *T = target + nc;
     vi *label = (vi *)((char *)buf + bytes), *real = label + nc;
     for (int c = 0; c < nc; c++)
         for (int r = 0; r < V; r++) real[c][r] = c * V + r < n ? -1 : 0;
@@ -962,7 +1074,7 @@ static int step_models(const struct step *s, int k0, int k1) {
             add_shortcut(out, g2, (long)n_out * nc);
         }
         loss[k] = loss_grad(out, target, label, real, n_out, nc, n, g1);
-        if (wide) dense_grad(g1, h0, dw, n_out, nc, gk + s->wide_w, gk + s->wide_b);
+        if (wide) dense_grad(g1, h0, dw, n_out, n, nc, gk + s->wide_w, gk + s->wide_b, T);
 
         /* backward, layer l from the head (l = depth) down. gz: the gradient wrt layer l's
          * pre-activation. Where a block is residual, the gradient wrt its output (G) passes
@@ -976,7 +1088,7 @@ static int step_models(const struct step *s, int k0, int k1) {
                 ln_backward(gz, xhat + (top - acts), rstd + (long)l * nc, p + ln_off[2 * l], w,
                             nc, gk + ln_off[2 * l], gk + ln_off[2 * l + 1]);
             }
-            dense_grad(gz, below, in_l, w, nc, gk + w_off[l], gk + b_off[l]);
+            dense_grad(gz, below, in_l, w, n, nc, gk + w_off[l], gk + b_off[l], T);
             if (l == 0) break;
             int shortcut = res != NULL && l < depth && res[l];  /* G_l passes down */
             int keep = res != NULL && res[l - 1];               /* G_{l-1} will */
