@@ -177,16 +177,23 @@ def test_batch_norm_under_adam_matches_but_for_the_biases_it_cancels(batch_size)
     _compare(configs, [train] * 3, n_classes, unstable=("linear.bias", "running_mean"))
 
 
-def test_batch_norm_on_a_batch_of_one_row_fails_as_the_plain_loop_does():
+def test_batch_norm_on_a_batch_of_one_row_is_refused_before_training():
     train, n_classes = _split("wine", rows=41)  # batches of 40, then 1
     config = make_config(norm="batch", batch_size=40, epochs=2, widths=(5,))
     torch.manual_seed(0)
     model = build_model(config, train.X.shape[1], n_classes)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as plain:
-        fit(copy.deepcopy(model), train, config, n_classes)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as fast:
+    before = copy.deepcopy(model.state_dict())
+    words = "41 training rows in batches of 40 leave a last batch of 1 row"
+    with pytest.raises(UserError, match=words) as plain:
+        fit(model, train, config, n_classes)
+    with pytest.raises(UserError, match=words) as fast:
         fit_batched([model, copy.deepcopy(model)], [train] * 2, [config] * 2)
     assert str(fast.value) == str(plain.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    # below that check, the stacked layer fails on one row as nn.BatchNorm1d does
+    trainer = batched_fit.Trainer([model, copy.deepcopy(model)], [config] * 2)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        trainer.epoch(batched_fit.stack_data([train] * 2))
 
 
 def test_per_model_hyperparameters_data_and_layer_norm():

@@ -27,7 +27,7 @@ from widedeep.config import TrainConfig
 from widedeep.fused import FusedStep
 from widedeep.model import linear_layers
 from widedeep.probes import mean_std
-from widedeep.train import FitResult, Split
+from widedeep.train import FitResult, Split, check_batches
 
 SYNC_EVERY = 16  # epochs between checks whether every model has stopped (off the CPU)
 RETIRE = True  # on the CPU, stopped models leave the stack (False: they ride along)
@@ -270,6 +270,8 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
     every model).
     """
     K = len(models)
+    for config, train in zip(configs, trains, strict=True):
+        check_batches(config, train.X.shape[0])
     trainer = Trainer(models, configs, rngs)
     data = stack_data(trains)
     if cuda_graphs and batched_cuda.can_capture(trainer, data):

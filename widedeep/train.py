@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from widedeep.config import TrainConfig
+from widedeep.errors import UserError
 
 
 @dataclass
@@ -66,11 +67,28 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def check_batches(config: TrainConfig, n: int) -> None:
+    """UserError where batch norm would meet a batch of one row (nn.BatchNorm1d fails on
+    it in training: one row has no variance): a batch size of 1, or n training rows whose
+    last mini-batch holds one."""
+    if config.norm != "batch":
+        return
+    size = n if config.batch_size is None else min(n, config.batch_size)
+    if size == 1:
+        raise UserError(f"batch norm needs at least 2 rows per batch, got batches of 1 "
+                        f"({n} training row(s), batch size {config.batch_size or 'full'})")
+    if n % size == 1:
+        raise UserError(f"batch norm needs at least 2 rows per batch: {n} training rows in "
+                        f"batches of {size} leave a last batch of 1 row; choose another "
+                        f"batch size")
+
+
 def fit(model: nn.Module, train: Split, config: TrainConfig, n_classes: int, *,
         val: Split | None = None, callbacks: tuple[Callback, ...] = (),
         progress: bool = False) -> FitResult:
     """Train ``model`` in place; with ``val`` and ``config.patience``, stop early and keep
     the weights of the epoch with the lowest validation loss."""
+    check_batches(config, train.X.shape[0])
     criterion = criterion_for(n_classes)
     optimizer = make_optimizer(config, model.parameters())
     order = torch.Generator().manual_seed(config.seed)  # mini-batch order, CPU stream
