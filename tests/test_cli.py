@@ -65,8 +65,15 @@ BAD_INPUTS = [
     (["--split", "cv:1"], "cv:1"),
     (["--batch-size", "big"], "'big'"),
     (["--lr", "0"], "lr out of range"),
+    (["--widths", "4,,3"], "widths has an empty item: widths='4,,3'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--csv", "x.csv", "--target", "y"], "give --dataset or --csv, not both"),
+    # iris: 120 training rows (holdout), 75 per fold (cv:2)
+    (["--norm", "batch", "--batch-size", "1"], "batch norm needs at least 2 rows per batch"),
+    (["--norm", "batch", "--batch-size", "7"], "120 training rows in batches of 7 leave a "
+                                               "last batch of 1 row"),
+    (["--norm", "batch", "--batch-size", "37", "--split", "cv:2", "--engine", "batched"],
+     "75 training rows in batches of 37 leave a last batch of 1 row"),
 ]
 
 

@@ -140,7 +140,10 @@ def _coerce(name: str, value: Any) -> Any:
     kind = _FIELDS[name].type
     if name in ("widths", "probe_epochs"):
         if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
+            items = value.replace(" ", "").split(",")
+            if any(not v for v in items) and value.strip():
+                raise UserError(f"{name} has an empty item: {name}={value!r}")
+            value = [v for v in items if v]
         if not isinstance(value, list | tuple):
             raise UserError(f"{name} must be a list of integers, got {name}={value!r}")
         return tuple(_as_int(name, v) for v in value)
