@@ -43,6 +43,16 @@ def test_out_writes_a_complete_run_folder(capsys, tmp_path):
     assert code == 2 and "already exists" in err
 
 
+def test_top_level_help_describes_the_tool_for_its_users():
+    proc = subprocess.run([sys.executable, "-m", "widedeep", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    head = proc.stdout.split("positional arguments")[0]
+    assert "tabular classification" in head and "``" not in head  # no docstring markup
+    for command in ("train", "sweep", "search", "report", "activations", "datasets"):
+        assert command in proc.stdout
+
+
 def test_listing_commands(capsys):
     code, out, _ = run_cli(capsys, "activations")
     assert code == 0 and "softmax" in out and "threshold" in out

@@ -15,6 +15,9 @@ import threading
 
 from widedeep.errors import UserError
 
+DESCRIPTION = ("Train, sweep, search and benchmark PyTorch MLPs on tabular classification, "
+               "and write the report (see README.md).")
+
 # Subcommands that live in their own modules: each exposes add_arguments(parser) and run(args).
 SUBCOMMANDS: dict[str, str] = {
     "sweep": "widedeep.sweep_cli", "search": "widedeep.search_cli", "report": "widedeep.report_cli",
@@ -162,7 +165,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="widedeep", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="widedeep", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train and evaluate one configuration")
     add_train_options(p)
