@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from widedeep import fused
+from widedeep import batched, fused
 from widedeep.batched_fit import Data, Trainer
 from widedeep.batched_grad import ManualStep
 from widedeep.config import make_config
@@ -118,9 +118,14 @@ def test_fused_gradients_of_wide_and_deep_equal_autograd(activation, cross, n_cl
 @pytest.mark.parametrize("arch", ["mlp", "widedeep"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("activation", ["relu", "selu", "sigmoid", "prelu", "softmax"])
-def test_fused_dropout_draws_the_masks_autograd_draws(activation, residual, arch):
+@pytest.mark.parametrize("draw", ["compiled", "torch"])
+def test_fused_dropout_draws_the_masks_autograd_draws(draw, activation, residual, arch,
+                                                      monkeypatch):
     """Dropout (alpha dropout after selu): each model's masks drawn from its own stream, layer
-    by layer, as the other steps draw them (the middle model is evaluated: no dropout)."""
+    by layer, as the other steps draw them (the middle model is evaluated: no dropout); by
+    the compiled draw, and by torch's where that does not know torch's generator."""
+    if draw == "torch":
+        monkeypatch.setitem(fused._masks_checked, id(fused.library()), False)
     trainer = _trainer(3, 3, activation=activation, widths=(7, 7, 16), residual=residual,
                        dropout=0.3, arch=arch)
     assert isinstance(trainer.manual, fused.FusedStep)
@@ -138,6 +143,44 @@ def test_fused_dropout_draws_the_masks_autograd_draws(activation, residual, arch
     with trainer.act.drawing(None):  # no streams: evaluated, nothing dropped
         undropped, _ = trainer.manual(trainer.flat, X, y)
     assert (undropped != loss).tolist() == [True, False, True]
+
+
+@needs_kernel
+@pytest.mark.parametrize("alpha", [False, True], ids=["dropout", "alpha-dropout"])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+@pytest.mark.parametrize("used", [0, 1, 623, 5000], ids=lambda u: f"used{u}")
+def test_compiled_dropout_masks_are_torchs(used, p, alpha):
+    """The compiled draw against torch's bernoulli_ (dropout_masks): the same factors and
+    shifts, and each generator left where torch leaves it, from a fresh generator, one a
+    draw or a whole mt19937 block into its stream, with layers whose draws cross refills,
+    a ragged last block of rows, and a model without a stream between two with one."""
+    lib = fused.library()
+    widths, n = [5, 300, 1, 64], 37
+
+    def streams():
+        gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        for g in gens:
+            torch.empty(used).uniform_(generator=g)
+        return [gens[0], None, gens[1]]
+
+    ours, theirs = streams(), streams()
+    out = None
+    for _ in range(2):  # the second starts where the first left the generators, in its tensors
+        noise, shift = fused.draw_masks(lib, widths, n, p, alpha, ours, out)
+        if out is not None:
+            assert noise.data_ptr() == out[0].data_ptr()
+            assert shift is None or shift.data_ptr() == out[1].data_ptr()
+        out = noise, shift
+        want = [batched.dropout_masks(w, n, p, alpha, theirs, torch.device("cpu"))
+                for w in widths]
+        assert torch.equal(noise, torch.cat([m[0] for m in want], 1))
+        assert (shift is None) == (not alpha)
+        if alpha:
+            assert torch.equal(shift, torch.cat([m[1] for m in want], 1))
+        for g, h in zip(ours, theirs, strict=True):
+            assert g is None or torch.equal(g.get_state(), h.get_state())
+    assert 0 < (noise[0] != noise[0, 0, 0]).sum() < noise[0].numel()  # both values drawn
+    assert torch.equal(noise[1], torch.ones_like(noise[1]))  # no stream: nothing dropped
 
 
 @needs_kernel

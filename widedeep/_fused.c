@@ -1237,3 +1237,157 @@ void widedeep_opt_step(int kind, int K, long P, float *flat, const float *grad, 
     _mm_setcsr(csr);
 #endif
 }
+
+/* Dropout's masks as torch draws them (widedeep.batched.dropout_masks), straight from the
+ * state of each model's CPU generator, advanced in place: torch.Generator.get_state()'s
+ * bytes, an mt19937 whose 624 words are stored as uint64s from byte 24, with its count of
+ * draws left at byte 8 (int) and its next index at byte 16 (uint64); widedeep.fused checks
+ * this layout against torch before it uses it. torch's bernoulli_(keep) on a float tensor
+ * takes, for each element in memory order, a double from random64() (two draws, the first
+ * the high word) masked to 53 bits, times 2^-53, and keeps the element where that is below
+ * keep: ~10 ns an element on the dev VM, most of a dropout step's time on small nets. The
+ * plain loop draws hidden layer l's mask as an (n, width) tensor, row after row; here it
+ * lands in rows of units, out[(first unit of l + u) * n + r], for the step above: on where
+ * kept, off where not (dropout's scaled 1 and 0), and for alpha dropout the shift added
+ * after it, shift_on or shift_off (shift is NULL otherwise). K models, STATE_BYTES each;
+ * where drawn[k] is 0, model k has no stream: factors of 1, shifts of 0, its state unread.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+#define MT_N 624
+#define MT_M 397
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    uint32_t y = (u & 0x80000000u) | (v & 0x7fffffffu);
+    return (y >> 1) ^ ((0u - (v & 1u)) & 0x9908b0dfu); /* no table: the loops vectorise */
+}
+
+static void mt_refill(uint32_t *s) { /* the generation step of mt19937, as torch's */
+    for (int i = 0; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ mt_twist(s[i], s[i + 1]);
+    for (int i = MT_N - MT_M; i < MT_N - 1; i++)
+        s[i] = s[i + MT_M - MT_N] ^ mt_twist(s[i], s[i + 1]);
+    s[MT_N - 1] = s[MT_M - 1] ^ mt_twist(s[MT_N - 1], s[0]);
+}
+
+/* mt19937's output from a word of its state (tempering) */
+static inline uint32_t mt_temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
+/* The generator of one model: its state s, and t, every word of s tempered (one vectorised
+ * pass per refill, instead of one word at a time); left and next as torch counts them. */
+struct mt {
+    uint32_t s[MT_N], t[MT_N];
+    int left, next;
+};
+
+static void mt_retemper(struct mt *g) {
+    for (int i = 0; i < MT_N; i++) g->t[i] = mt_temper(g->s[i]);
+}
+
+static inline uint32_t mt_draw(struct mt *g) { /* as torch's mt19937::operator() */
+    if (--g->left == 0) {
+        mt_refill(g->s);
+        mt_retemper(g);
+        g->left = MT_N;
+        g->next = 0;
+    }
+    return g->t[g->next++];
+}
+
+#define STATE_BYTES 5056 /* torch's CPUGeneratorImplStateLegacy */
+#define ROWS V
+typedef uint8_t vb __attribute__((vector_size(V)));
+#define STATE_LEFT 8
+#define STATE_NEXT 16
+#define STATE_WORDS 24
+
+int widedeep_dropout_masks(int K, uint8_t *states, const int *drawn, int depth,
+                            const int *widths, int n, double keep, float on, float off,
+                            float shift_on, float shift_off, float *noise, float *shift) {
+    long hidden = 0;
+    for (int l = 0; l < depth; l++) hidden += widths[l];
+    /* x = bits / 2^53 < keep, bits < 2^53, is bits < ceil(keep 2^53): all exact in double */
+    double limit = ceil(keep * 9007199254740992.0);
+    uint64_t below = limit <= 0.0 ? 0 : (uint64_t)limit;
+    int widest = 0;
+    for (int l = 0; l < depth; l++) widest = widths[l] > widest ? widths[l] : widest;
+    struct mt *g = malloc(sizeof *g);
+    uint8_t *flags = malloc((size_t)ROWS * (widest > 0 ? widest : 1));
+    if (g == NULL || flags == NULL) {
+        free(g), free(flags);
+        return -1;
+    }
+    for (int k = 0; k < K; k++) {
+        float *nk = noise + (long)k * hidden * n, *sk = shift ? shift + (long)k * hidden * n : NULL;
+        if (!drawn[k]) { /* a model without a stream (evaluated): nothing dropped */
+            for (long i = 0; i < hidden * n; i++) nk[i] = 1.0f;
+            if (sk) memset(sk, 0, hidden * n * sizeof(float));
+            continue;
+        }
+        uint8_t *st = states + (long)k * STATE_BYTES;
+        int32_t left;
+        uint64_t next, word;
+        memcpy(&left, st + STATE_LEFT, sizeof left);
+        memcpy(&next, st + STATE_NEXT, sizeof next);
+        for (int i = 0; i < MT_N; i++) {
+            memcpy(&word, st + STATE_WORDS + 8L * i, sizeof word);
+            g->s[i] = (uint32_t)word;
+        }
+        mt_retemper(g);
+        g->left = left, g->next = (int)next;
+        long unit0 = 0;
+        for (int l = 0; l < depth; l++) {
+            int w = widths[l];
+            /* ROWS rows at a time, in draw order into flags, then written unit by unit: a
+             * unit's ROWS rows are one line of out (a store per row would touch a line each) */
+            for (int r0 = 0; r0 < n; r0 += ROWS) {
+                int rows = n - r0 < ROWS ? n - r0 : ROWS, left = g->left, next = g->next;
+                for (int r = 0; r < rows; r++)
+                    for (int u = 0; u < w; u++) {
+                        uint64_t hi, lo;
+                        if (left > 2) { /* both words without a refill */
+                            hi = g->t[next], lo = g->t[next + 1];
+                            next += 2, left -= 2;
+                        } else {
+                            g->left = left, g->next = next;
+                            hi = mt_draw(g), lo = mt_draw(g);
+                            left = g->left, next = g->next;
+                        }
+                        flags[u * ROWS + r] = (((hi << 32) | lo) & ((1ULL << 53) - 1)) < below;
+                    }
+                g->left = left, g->next = next;
+                for (int u = 0; u < w; u++) {
+                    const uint8_t *f = flags + u * ROWS;
+                    float *o = nk + (unit0 + u) * n + r0;
+                    if (rows == ROWS) { /* one vector of flags, one of each value */
+                        vb fb;
+                        memcpy(&fb, f, sizeof fb);
+                        vi kept = __builtin_convertvector(fb, vi) != 0;
+                        vf v = sel(kept, splat(on), splat(off));
+                        memcpy(o, &v, sizeof v);
+                        if (sk) {
+                            v = sel(kept, splat(shift_on), splat(shift_off));
+                            memcpy(sk + (o - nk), &v, sizeof v);
+                        }
+                    } else {
+                        for (int r = 0; r < rows; r++) o[r] = f[r] ? on : off;
+                        if (sk)
+                            for (int r = 0; r < rows; r++) sk[o - nk + r] = f[r] ? shift_on : shift_off;
+                    }
+                }
+            }
+            unit0 += w;
+        }
+        left = g->left, next = (uint64_t)g->next;
+        memcpy(st + STATE_LEFT, &left, sizeof left);
+        memcpy(st + STATE_NEXT, &next, sizeof next);
+        for (int i = 0; i < MT_N; i++) {
+            word = g->s[i];
+            memcpy(st + STATE_WORDS + 8L * i, &word, sizeof word);
+        }
+    }
+    free(g), free(flags);
+    return 0;
+}

@@ -233,16 +233,21 @@ def dropout_masks(width: int, n: int, p: float, alpha: bool,
         if g is None:
             noises.append(noise.fill_(1.0)), shifts.append(torch.zeros_like(noise))
             continue
-        noise.bernoulli_(1 - p, generator=g)
-        if alpha:
-            scale = 1.0 / math.sqrt((ALPHA_DROPOUT * ALPHA_DROPOUT * p + 1) * (1 - p))
-            shifts.append(noise.add(-1).mul_(ALPHA_DROPOUT * scale).add_(ALPHA_DROPOUT * scale * p))
-            noise.mul_(scale)
-        else:
-            noise.div_(1 - p)
-        noises.append(noise)
+        factor, shift = mask_values(noise.bernoulli_(1 - p, generator=g), p, alpha)
+        noises.append(factor), shifts.append(shift)
     shift = torch.stack(shifts).transpose(1, 2) if alpha else None
     return torch.stack(noises).transpose(1, 2), shift
+
+
+def mask_values(mask: torch.Tensor, p: float, alpha: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dropout's factor (``mask`` of 0s and 1s, scaled in place) and, for alpha dropout,
+    the shift added after it (else None), by the operations torch's dropout uses."""
+    if not alpha:
+        return mask.div_(1 - p), None
+    scale = 1.0 / math.sqrt((ALPHA_DROPOUT * ALPHA_DROPOUT * p + 1) * (1 - p))
+    shift = mask.add(-1).mul_(ALPHA_DROPOUT * scale).add_(ALPHA_DROPOUT * scale * p)
+    return mask.mul_(scale), shift
 
 
 def prelu(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

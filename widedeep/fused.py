@@ -16,6 +16,7 @@ CPU. Without a working compiler, or with ``WIDEDEEP_FUSED=0``, the engine uses i
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from widedeep.activations import get_activation, list_activations
-from widedeep.batched import Layout, StackedActivation, dropout_masks
+from widedeep.batched import Layout, StackedActivation, dropout_masks, mask_values
 
 SOURCE = Path(__file__).with_name("_fused.c")
 # The activation codes of _fused.c (ACT_*), and the parameters each passes to it.
@@ -178,7 +179,88 @@ def _load(path: Path) -> ctypes.CDLL:
     f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
                   ptr, ptr, ptr, ctypes.c_double]  # lr momentum wd t
     f.restype = None
+    f = lib.widedeep_dropout_masks
+    c_float = ctypes.c_float
+    f.argtypes = [c_int, ptr, ptr, c_int, ptr, c_int,  # K states drawn depth widths n
+                  ctypes.c_double, c_float, c_float, c_float, c_float,  # keep on off shifts
+                  ptr, ptr]  # noise shift
+    f.restype = c_int
     return lib
+
+
+STATE_BYTES = 5056  # torch.Generator().get_state(): the layout _fused.c reads
+_masks_checked: dict[int, bool] = {}  # id of a loaded library: its masks are torch's
+
+
+def draw_masks(lib: ctypes.CDLL, widths: list[int], n: int, p: float, alpha: bool,
+               generators: list[torch.Generator | None],
+               out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Dropout's factors and (alpha dropout) shifts of hidden layers of ``widths`` on
+    ``n`` rows, (K, hidden units, n) each, layer after layer from each model's generator
+    (advanced), as :func:`widedeep.batched.dropout_masks` draws them, by the compiled draw
+    (``widedeep_dropout_masks``); a model without a generator (evaluated) drops nothing, as
+    there. ``out``: tensors of the results' shapes to write them into (a new allocation of
+    a few MB each step costs page faults). None where the compiled draw cannot be used: a
+    torch whose generator state or draws are not the ones it knows (checked once)."""
+    if not _masks_are_torchs(lib):
+        return None
+    return _draw_in_c(lib, widths, n, p, alpha, generators, out)
+
+
+def _draw_in_c(lib: ctypes.CDLL, widths: list[int], n: int, p: float, alpha: bool,
+               generators: list[torch.Generator | None],
+               out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    none = torch.zeros(STATE_BYTES, dtype=torch.uint8)
+    states = torch.stack([g.get_state() if g is not None else none for g in generators])
+    drawn = _c_array(ctypes.c_int, [g is not None for g in generators])
+    K, hidden = len(generators), sum(widths)
+    shape = (K, hidden, n)
+    if (out is None or out[0].shape != shape or not out[0].is_contiguous()
+            or (out[1] is None) == alpha or (alpha and not out[1].is_contiguous())):
+        out = torch.empty(shape), torch.empty(shape) if alpha else None
+    noise, shift = out
+    code = lib.widedeep_dropout_masks(K, states.data_ptr(), drawn, len(widths),
+                                      _c_array(ctypes.c_int, widths), n, 1 - p,
+                                      *_mask_values(p, alpha), noise.data_ptr(),
+                                      shift.data_ptr() if shift is not None else None)
+    if code != 0:
+        raise MemoryError("the compiled draw could not allocate its scratch memory")
+    for g, state in zip(generators, states, strict=True):
+        if g is not None:
+            g.set_state(state.clone())  # NOTE: set_state on a row of the stack crashes
+    return noise, shift
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_values(p: float, alpha: bool) -> tuple[float, float, float, float]:
+    """A kept and a dropped unit's factor, then their shifts (0 without alpha dropout), as
+    torch's dropout computes them."""
+    factor, shift = mask_values(torch.tensor([1.0, 0.0]), p, alpha)
+    return (*factor.tolist(), *(shift.tolist() if shift is not None else (0.0, 0.0)))
+
+
+def _masks_are_torchs(lib: ctypes.CDLL) -> bool:
+    """Whether the compiled draw gives torch's masks and leaves torch's states, on layers
+    that cross mt19937's refills, a fresh and a used generator, and a model without one (the
+    state's layout is torch's own, not a public interface): once per loaded library."""
+    if id(lib) not in _masks_checked:
+        ok = torch.Generator().get_state().numel() == STATE_BYTES
+        for alpha, p, used in ((False, 0.2, 0), (True, 0.35, 1001)):
+            if not ok:
+                break
+            ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+            for g in (ours, theirs):
+                torch.empty(used).uniform_(generator=g)
+            got = _draw_in_c(lib, [3, 250, 17], 9, p, alpha, [ours, None])
+            want = [dropout_masks(w, 9, p, alpha, [theirs, None], torch.device("cpu"))
+                    for w in (3, 250, 17)]
+            ok = (torch.equal(got[0], torch.cat([m[0] for m in want], 1))
+                  and (not alpha or torch.equal(got[1], torch.cat([m[1] for m in want], 1)))
+                  and torch.equal(ours.get_state(), theirs.get_state()))
+        _masks_checked[id(lib)] = ok
+    return _masks_checked[id(lib)]
 
 
 class OptimizerStep:
@@ -249,7 +331,8 @@ class FusedStep:
     """Per-model losses and gradients of K stacked MLPs, from the compiled step."""
 
     def __init__(self, layout: Layout, lib: ctypes.CDLL, act: StackedActivation):
-        self.fn = lib.widedeep_mlp_step
+        self.lib, self.fn = lib, lib.widedeep_mlp_step
+        self._masks: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see _dropout_masks
         # dropout: its masks come from act's per-model streams, drawn before the call
         self.stacked_act, self.dropout = act, layout.dropout
         module = get_activation(layout.activation).create()
@@ -333,6 +416,11 @@ class FusedStep:
         if not self.dropout or generators is None:
             return None, None
         alpha = self.stacked_act.alpha_dropout
+        drawn = draw_masks(self.lib, list(self._widths), n, self.dropout, alpha, generators,
+                           self._masks)
+        if drawn is not None:
+            self._masks = drawn  # the next step's draws go there (the call only reads them)
+            return drawn
         masks = [dropout_masks(w, n, self.dropout, alpha, generators, torch.device("cpu"))
                  for w in self._widths]
         noise = torch.cat([m[0] for m in masks], 1)
