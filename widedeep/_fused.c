@@ -1249,8 +1249,8 @@ void widedeep_opt_step(int kind, int K, long P, float *flat, const float *grad, 
  * plain loop draws hidden layer l's mask as an (n, width) tensor, row after row; here it
  * lands in rows of units, out[(first unit of l + u) * n + r], for the step above: on where
  * kept, off where not (dropout's scaled 1 and 0), and for alpha dropout the shift added
- * after it, shift_on or shift_off (shift is NULL otherwise). K models, STATE_BYTES each;
- * where drawn[k] is 0, model k has no stream: factors of 1, shifts of 0, its state unread.
+ * after it, shift_on or shift_off (shift is NULL otherwise). K models, each state
+ * STATE_BYTES; where states[k] is NULL, model k has no stream: factors of 1, shifts of 0.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 #define MT_N 624
 #define MT_M 397
@@ -1303,7 +1303,7 @@ typedef uint8_t vb __attribute__((vector_size(V)));
 #define STATE_NEXT 16
 #define STATE_WORDS 24
 
-int widedeep_dropout_masks(int K, uint8_t *states, const int *drawn, int depth,
+int widedeep_dropout_masks(int K, uint8_t *const *states, int depth,
                             const int *widths, int n, double keep, float on, float off,
                             float shift_on, float shift_off, float *noise, float *shift) {
     long hidden = 0;
@@ -1321,12 +1321,12 @@ int widedeep_dropout_masks(int K, uint8_t *states, const int *drawn, int depth,
     }
     for (int k = 0; k < K; k++) {
         float *nk = noise + (long)k * hidden * n, *sk = shift ? shift + (long)k * hidden * n : NULL;
-        if (!drawn[k]) { /* a model without a stream (evaluated): nothing dropped */
+        if (states[k] == NULL) { /* a model without a stream (evaluated): nothing dropped */
             for (long i = 0; i < hidden * n; i++) nk[i] = 1.0f;
             if (sk) memset(sk, 0, hidden * n * sizeof(float));
             continue;
         }
-        uint8_t *st = states + (long)k * STATE_BYTES;
+        uint8_t *st = states[k];
         int32_t left;
         uint64_t next, word;
         memcpy(&left, st + STATE_LEFT, sizeof left);

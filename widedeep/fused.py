@@ -181,7 +181,7 @@ def _load(path: Path) -> ctypes.CDLL:
     f.restype = None
     f = lib.widedeep_dropout_masks
     c_float = ctypes.c_float
-    f.argtypes = [c_int, ptr, ptr, c_int, ptr, c_int,  # K states drawn depth widths n
+    f.argtypes = [c_int, ptr, c_int, ptr, c_int,  # K states depth widths n
                   ctypes.c_double, c_float, c_float, c_float, c_float,  # keep on off shifts
                   ptr, ptr]  # noise shift
     f.restype = c_int
@@ -212,16 +212,16 @@ def _draw_in_c(lib: ctypes.CDLL, widths: list[int], n: int, p: float, alpha: boo
                generators: list[torch.Generator | None],
                out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    none = torch.zeros(STATE_BYTES, dtype=torch.uint8)
-    states = torch.stack([g.get_state() if g is not None else none for g in generators])
-    drawn = _c_array(ctypes.c_int, [g is not None for g in generators])
+    states = [g.get_state() if g is not None else None for g in generators]
+    pointers = (ctypes.c_void_p * len(states))(
+        *[s.data_ptr() if s is not None else None for s in states])
     K, hidden = len(generators), sum(widths)
     shape = (K, hidden, n)
     if (out is None or out[0].shape != shape or not out[0].is_contiguous()
             or (out[1] is None) == alpha or (alpha and not out[1].is_contiguous())):
         out = torch.empty(shape), torch.empty(shape) if alpha else None
     noise, shift = out
-    code = lib.widedeep_dropout_masks(K, states.data_ptr(), drawn, len(widths),
+    code = lib.widedeep_dropout_masks(K, pointers, len(widths),
                                       _c_array(ctypes.c_int, widths), n, 1 - p,
                                       *_mask_values(p, alpha), noise.data_ptr(),
                                       shift.data_ptr() if shift is not None else None)
@@ -229,7 +229,7 @@ def _draw_in_c(lib: ctypes.CDLL, widths: list[int], n: int, p: float, alpha: boo
         raise MemoryError("the compiled draw could not allocate its scratch memory")
     for g, state in zip(generators, states, strict=True):
         if g is not None:
-            g.set_state(state.clone())  # NOTE: set_state on a row of the stack crashes
+            g.set_state(state)
     return noise, shift
 
 
