@@ -1,6 +1,7 @@
 """The exercise 7-1 search: beats the majority class, baselines on the nets' folds, resumable."""
 
 import os
+import sys
 import time
 
 import optuna
@@ -112,6 +113,22 @@ def test_engine_plain_trains_every_trial_on_the_plain_loop(tmp_path):
     assert {t.user_attrs["summary"]["engine"] for t in trials} == {"plain"}
 
 
+def _terminal(monkeypatch):
+    """Captured stderr taken for a terminal: the progress bar shows there only."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+
+
+def test_a_search_shows_its_progress_on_a_terminal(tmp_path, capsys, monkeypatch):
+    url = f"sqlite:///{tmp_path}/s.sqlite3"
+    budget = dict(dataset="iris", split="cv:2", seed=0, trials=2, max_depth=2, max_epochs=10)
+    _terminal(monkeypatch)
+    search.run_search(study="shown", storage=url, progress=True, **budget)
+    err = capsys.readouterr().err
+    assert "shown" in err and "2/2" in err and "best=" in err
+    search.run_search(study="quiet", storage=url, progress=False, **budget)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_search_cannot_force_the_batched_engine(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/s.sqlite3"
     assert main(["search", "--storage", url, "--engine", "batched"]) == 2  # argparse: choices
@@ -124,15 +141,17 @@ def _needs_diabetes():
         pytest.skip("the lecture file is not available: set WIDEDEEP_DATA to its folder")
 
 
-def test_a_background_search_runs_while_the_caller_goes_on(tmp_path):
+def test_a_background_search_runs_while_the_caller_goes_on(tmp_path, capsys, monkeypatch):
     _needs_diabetes()
     url = f"sqlite:///{tmp_path}/bg.sqlite3"
     job = search.run_search(study="bg", storage=url, background=True, **BUDGET)
     assert isinstance(job, search.SearchJob)
     assert all(p.poll() is None for p in job.procs)  # a worker takes seconds just to start
-    results = job.wait()
+    _terminal(monkeypatch)
+    results = job.wait(progress=True, trials=BUDGET["trials"])
     assert results["n_trials"] == BUDGET["trials"]
     assert all(p.returncode == 0 for p in job.procs)
+    assert f"{BUDGET['trials']}/{BUDGET['trials']}" in capsys.readouterr().err  # the bar
 
 
 def _states(url: str, name: str) -> list:

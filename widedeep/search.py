@@ -13,11 +13,14 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from tqdm import tqdm
 
 from widedeep.baselines import run_baselines
 from widedeep.config import INITS, NORMS, OPTIMIZERS, make_config
@@ -33,6 +36,7 @@ ACTIVATIONS = ("relu", "leakyrelu", "elu", "selu", "gelu", "silu", "mish", "tanh
 WIDTHS = (8, 16, 32, 64, 128, 256)
 BATCH_SIZES = (32, 64, 128, "full")
 HEARTBEAT_S, GRACE_S = 10, 60
+POLL_S = 1.0  # how often the progress bar of a search in worker processes reads the study
 
 
 def suggest(trial: optuna.Trial, *, max_depth: int = 32, max_epochs: int = 300) -> dict:
@@ -110,8 +114,10 @@ def prepare(study_name: str, url: str, settings: dict) -> None:
 
 
 def work(study_name: str, url: str, *, trials: int, timeout: float | None,
-         worker: int = 0, threads: int | None = None) -> None:
-    """Run trials until the study has ``trials`` finished ones (or ``timeout`` passes)."""
+         worker: int = 0, threads: int | None = None,
+         on_done: Callable[[optuna.Study], None] | None = None) -> None:
+    """Run trials until the study has ``trials`` finished ones (or ``timeout`` passes);
+    ``on_done(study)`` after each trial this process ends."""
     if threads:
         import torch
 
@@ -130,20 +136,24 @@ def work(study_name: str, url: str, *, trials: int, timeout: float | None,
             # NOTE: a Ctrl-C outside a trial's objective (while Optuna creates or ends the
             # trial) waits for the next check: cut there, it would leave the trial RUNNING.
             with deferred_interrupts():
+                callbacks = [stop, check_interrupted]
+                if on_done is not None:
+                    callbacks.append(lambda study, _: on_done(study))
                 study.optimize(_objective(settings), n_trials=trials - done, timeout=timeout,
-                               callbacks=[stop, check_interrupted], catch=(Exception,))
+                               callbacks=callbacks, catch=(Exception,))
 
 
 def run_search(*, study: str | None = None, dataset: str = "diabetes", split: str = "cv:5",
                seed: int = 0, trials: int = 50, timeout: float | None = None,
                storage: str | None = None, workers: int = 1, max_depth: int = 32,
                max_epochs: int = 300, engine: str = "auto",
-               background: bool = False) -> dict | SearchJob:
+               background: bool = False, progress: bool = False) -> dict | SearchJob:
     """Run (or resume) a search; returns :func:`search_results`. ``engine``: auto, or plain
     to train every trial on the plain loop (batched cannot be forced: on CUDA, dropout and
     rrelu, in the search space, need the plain loop). ``background``: run
     it in worker processes (one torch thread each) while the caller goes on, and return
-    their :class:`SearchJob` as soon as the study and its baselines exist."""
+    their :class:`SearchJob` as soon as the study and its baselines exist. ``progress``: a
+    progress bar of the study's finished trials and best CV log-loss on a terminal."""
     if trials < 1 or workers < 1 or max_depth < 1 or max_epochs < 1:
         raise UserError(f"trials, workers, max_depth and max_epochs must be >= 1, got "
                         f"{trials=}, {workers=}, {max_depth=}, {max_epochs=}")
@@ -159,11 +169,35 @@ def run_search(*, study: str | None = None, dataset: str = "diabetes", split: st
         settings["engine"] = engine
     prepare(name, url, settings)
     if workers == 1 and not background:
-        work(name, url, trials=trials, timeout=timeout)
+        with _bar(name, trials, progress) as bar:
+            work(name, url, trials=trials, timeout=timeout, on_done=bar.show)
         return search_results(name, url)
     job = SearchJob(name, url, _spawn(name, url, trials=trials, timeout=timeout,
                                       workers=workers))
-    return job if background else job.wait()
+    return job if background else job.wait(progress=progress, trials=trials)
+
+
+class _bar:
+    """A search's progress bar (on a terminal only): finished trials of ``trials``, and
+    the best CV log-loss so far, from the study."""
+
+    def __init__(self, name: str, trials: int, progress: bool):
+        self.bar = tqdm(total=trials, desc=name, unit="trial", file=sys.stderr,
+                        disable=not progress or not sys.stderr.isatty())
+
+    def __enter__(self) -> _bar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def show(self, study: optuna.Study) -> None:
+        if self.bar.disable:
+            return
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if done:
+            self.bar.set_postfix(best=f"{min(t.value for t in done):.4f}", refresh=False)
+        self.bar.update(min(len(done), self.bar.total) - self.bar.n)
 
 
 @dataclass
@@ -174,9 +208,17 @@ class SearchJob:
     url: str
     procs: list[subprocess.Popen]
 
-    def wait(self) -> dict:
-        """Wait for every worker; the search's results (UserError if a worker failed)."""
+    def wait(self, *, progress: bool = False, trials: int = 0) -> dict:
+        """Wait for every worker; the search's results (UserError if a worker failed).
+        ``progress``: meanwhile, a progress bar of the study's ``trials``."""
         try:
+            if progress and sys.stderr.isatty():
+                with _open_storage(self.url) as store, _bar(self.name, trials, True) as bar:
+                    study = store.study(self.name)
+                    while any(p.poll() is None for p in self.procs):
+                        bar.show(study)
+                        _wait_any(self.procs, POLL_S)
+                    bar.show(study)
             codes = [p.wait() for p in self.procs]
         finally:
             self.stop()
@@ -196,6 +238,14 @@ class SearchJob:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _wait_any(procs: list[subprocess.Popen], seconds: float) -> None:
+    """Sleep ``seconds``, or less where a process of ``procs`` exits meanwhile."""
+    try:
+        next(p for p in procs if p.poll() is None).wait(timeout=seconds)
+    except (StopIteration, subprocess.TimeoutExpired):
+        pass
 
 
 def _spawn(name: str, url: str, *, workers: int, **job) -> list[subprocess.Popen]:

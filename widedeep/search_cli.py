@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-epochs", type=int, default=300,
                    help="most epochs per trial; early stopping may end sooner (default 300)")
     p.add_argument("--top", type=int, default=10, help="leaderboard rows (default 10)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--engine", choices=("auto", "plain"), default="auto",
                    help="auto (default: the batched engine where a trial's folds allow) or "
                         "plain (every trial on the plain loop)")
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     r = run_search(study=args.study, dataset=args.dataset, split=args.split, seed=args.seed,
                    trials=args.trials, timeout=args.timeout, storage=args.storage,
                    workers=args.workers, max_depth=args.max_depth, max_epochs=args.max_epochs,
-                   engine=args.engine)
+                   engine=args.engine, progress=not args.quiet)
     if args.top != 10:
         r = search_results(r["study"], r["storage"], top=args.top)
     print(format_results(r))
