@@ -344,8 +344,8 @@ class FusedStep:
         self.d = shapes[f"{layers[0]}.weight"][1]
         self.n_out = shapes["head.weight"][0]
         # Kept as attributes: the C side reads them through raw pointers.
-        self._widths = (ctypes.c_int * max(1, layout.depth))(
-            *[shapes[f"{name}.weight"][0] for name in layers[:-1]])
+        self._hidden = [shapes[f"{name}.weight"][0] for name in layers[:-1]]
+        self._widths = (ctypes.c_int * max(1, layout.depth))(*self._hidden)
         self._w_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.weight"] for n in layers])
         self._b_off = (ctypes.c_long * len(layers))(*[offsets[f"{n}.bias"] for n in layers])
         # prelu's slope and layer norm's weight and bias per hidden layer; residual flags
@@ -416,12 +416,12 @@ class FusedStep:
         if not self.dropout or generators is None:
             return None, None
         alpha = self.stacked_act.alpha_dropout
-        drawn = draw_masks(self.lib, list(self._widths), n, self.dropout, alpha, generators,
+        drawn = draw_masks(self.lib, self._hidden, n, self.dropout, alpha, generators,
                            self._masks)
         if drawn is not None:
             self._masks = drawn  # the next step's draws go there (the call only reads them)
             return drawn
         masks = [dropout_masks(w, n, self.dropout, alpha, generators, torch.device("cpu"))
-                 for w in self._widths]
+                 for w in self._hidden]
         noise = torch.cat([m[0] for m in masks], 1)
         return noise, torch.cat([m[1] for m in masks], 1) if alpha else None

@@ -169,7 +169,7 @@ def run_search(*, study: str | None = None, dataset: str = "diabetes", split: st
         settings["engine"] = engine
     prepare(name, url, settings)
     if workers == 1 and not background:
-        with _bar(name, trials, progress) as bar:
+        with _Progress(name, trials, progress) as bar:
             work(name, url, trials=trials, timeout=timeout, on_done=bar.show)
         return search_results(name, url)
     job = SearchJob(name, url, _spawn(name, url, trials=trials, timeout=timeout,
@@ -177,7 +177,7 @@ def run_search(*, study: str | None = None, dataset: str = "diabetes", split: st
     return job if background else job.wait(progress=progress, trials=trials)
 
 
-class _bar:
+class _Progress:
     """A search's progress bar (on a terminal only): finished trials of ``trials``, and
     the best CV log-loss so far, from the study."""
 
@@ -185,7 +185,7 @@ class _bar:
         self.bar = tqdm(total=trials, desc=name, unit="trial", file=sys.stderr,
                         disable=not progress or not sys.stderr.isatty())
 
-    def __enter__(self) -> _bar:
+    def __enter__(self) -> _Progress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -213,7 +213,7 @@ class SearchJob:
         ``progress``: meanwhile, a progress bar of the study's ``trials``."""
         try:
             if progress and sys.stderr.isatty():
-                with _open_storage(self.url) as store, _bar(self.name, trials, True) as bar:
+                with _open_storage(self.url) as store, _Progress(self.name, trials, True) as bar:
                     study = store.study(self.name)
                     while any(p.poll() is None for p in self.procs):
                         bar.show(study)
