@@ -219,6 +219,43 @@ def test_failed_trials_keep_their_reason_and_stop_after_max_attempts(url, monkey
     assert all("boom" in t.user_attrs["reason"] for t in fails)
 
 
+@pytest.mark.parametrize("where", ["creating trials", "training"])
+def test_an_interrupted_attempt_leaves_no_running_trial(url, monkeypatch, where):
+    """A Ctrl-C (SIGINT) while a worker creates its trials is held until they exist, then
+    raised; one in training is raised at once. Either way the attempt's trials end FAIL
+    ("interrupted"), the claims go back to pending, and a second run finishes the sweep."""
+    real_start, real_run = sweep_worker._start_trials, sweep_worker.run_many
+
+    def start_then_interrupt(*args):
+        started = real_start(*args)
+        sweep_worker._INTERRUPTED.set()  # what the SIGINT handler does while deferred
+        return started
+
+    def interrupted_run(configs):
+        raise KeyboardInterrupt
+
+    if where == "creating trials":
+        monkeypatch.setattr(sweep_worker, "_start_trials", start_then_interrupt)
+    else:
+        monkeypatch.setattr(sweep_worker, "run_many", interrupted_run)
+    spec = sweep.spec_from_dict(tiny("int", grid={"activation": ["relu"]}))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_sweep(spec, storage=url, progress=False)
+    finally:
+        sweep_worker._INTERRUPTED.clear()
+    with Store(url) as store:
+        counts = store.counts("int")
+        trials = store.study("int").get_trials()
+    assert counts == {"pending": 2}
+    assert trials and {t.state for t in trials} == {TrialState.FAIL}
+    assert {t.user_attrs["reason"] for t in trials} == {"interrupted"}
+    monkeypatch.setattr(sweep_worker, "_start_trials", real_start)
+    monkeypatch.setattr(sweep_worker, "run_many", real_run)
+    assert sweep.run_sweep(spec, storage=url, progress=False)["done"] == 2
+    assert_exactly_once(spec, url)
+
+
 def test_diverged_trials_are_recorded_once(url, monkeypatch):
     real = sweep_worker.run_many
 

@@ -213,9 +213,13 @@ def _record(store: Store, study, rows: list[dict], trial_ids: list[int], results
 
 def _run_group(store: Store, study, spec, rows: list[dict]) -> int:
     todo = [r for r in rows if not _recover(store, study, r)]
-    with deferred_interrupts():
-        trial_ids = _start_trials(store, study, spec, todo)
+    trial_ids = []
     try:
+        # An interrupt while the trials are created is raised on leaving this block, after
+        # trial_ids is set: inside the try, so that those trials are failed, not left RUNNING
+        # (the row's claim is given back, and its next attempt would not look for them).
+        with deferred_interrupts():
+            trial_ids = _start_trials(store, study, spec, todo)
         configs = [spec.config(json.loads(r["point"]), r["seed"]) for r in todo]
         results = _train(configs) if configs else []
     except BaseException:  # Ctrl-C: these attempts do not count
