@@ -243,23 +243,21 @@ SWEEP_TITLE = ("Many runs end to end, seconds (median) per engine and speedup ov
 
 
 def _plotting():
-    """seaborn and pyplot on the headless Agg backend."""
-    import matplotlib
+    """pyplot, seaborn and the report's plotting helpers (headless, the report's style):
+    the figures look the same whether the report or this module's command draws them."""
+    from analysis import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    return plt, sns
+    plots.sns.set_theme(style="whitegrid", context="notebook")
+    return plots.plt, plots.sns, plots
 
 
 def _line_by_width(steps: pd.DataFrame, y: str, ylabel: str, title: str, path: Path) -> Path:
     """One panel per device: ``y`` against width, a line per depth, a dash per batch."""
-    plt, sns = _plotting()
+    plt, sns, plots = _plotting()
     steps = steps.assign(depth=steps["depth"].astype(int).astype(str))
     order = sorted(steps["depth"].unique(), key=int)
     g = sns.relplot(data=steps, x="width", y=y, hue="depth", hue_order=order, style="batch",
-                    col="device", kind="line", marker="o", errorbar=None, height=4,
+                    col="device", kind="line", marker="o", errorbar=None, height=4, aspect=1.4,
                     facet_kws={"sharey": False})
     widths = sorted(int(w) for w in steps["width"].unique())
     for ax in g.axes.flat:
@@ -268,23 +266,17 @@ def _line_by_width(steps: pd.DataFrame, y: str, ylabel: str, title: str, path: P
         ax.set_xticks(widths, labels=[str(w) for w in widths])
         ax.xaxis.set_minor_locator(plt.NullLocator())
     g.set_axis_labels("hidden width (units per layer, log scale)", ylabel)
-    g.figure.suptitle(title, y=1.03)
-    g.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(g.figure)
-    return path
+    return plots.save(g.figure, path, title)
 
 
 def _speedup_heatmap(ratio: pd.DataFrame, path: Path) -> Path:
-    plt, sns = _plotting()
+    _, sns, plots = _plotting()
     table = ratio.pivot(index="depth", columns="width", values="speedup")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plots.new_figure(6, 4.5)
     sns.heatmap(table, annot=True, fmt=".3g", cmap="viridis", ax=ax,
                 cbar_kws={"label": "CUDA / CPU samples/s (x)"})
-    ax.set(title="CUDA speedup over CPU, one full-batch SGD step",
-           xlabel="hidden width (units per layer)", ylabel="depth (hidden layers)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    ax.set(xlabel="hidden width (units per layer)", ylabel="depth (hidden layers)")
+    return plots.save(fig, path, "CUDA speedup over CPU, one full-batch SGD step")
 
 
 def write_figures(data: pd.DataFrame, figures: Path) -> list[Path]:

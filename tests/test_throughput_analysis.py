@@ -191,3 +191,22 @@ def test_cli_writes_into_the_results_folder(cpu_run, tmp_path):
 
     assert main([str(results)]) == 0
     assert (results / "tables" / "throughput.csv").is_file()
+
+
+def test_figures_look_the_same_whoever_draws_them(cpu_run, tmp_path):
+    """The report draws these figures after its own; `python -m analysis.throughput` draws
+    them in a fresh process. Either way they come out in the report's style: the same
+    bytes after matplotlib's defaults as after another seaborn theme."""
+    import matplotlib
+    import seaborn as sns
+
+    run = json.loads(cpu_run.read_text())
+    runs = (("cpu.json", run), ("cuda.json", as_cuda(run, 8.0)))
+    drawn = []
+    for name, restyle in [("defaults", matplotlib.rcdefaults),
+                          ("other-theme", lambda: sns.set_theme(style="dark", context="talk"))]:
+        with matplotlib.rc_context():  # the style goes back as it was for later tests
+            restyle()
+            out = build(results_with(tmp_path / name, *runs))
+        drawn.append({Path(p).name: Path(p).read_bytes() for p in out["figures"]})
+    assert len(drawn[0]) == 3 and drawn[0] == drawn[1]
