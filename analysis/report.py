@@ -34,7 +34,8 @@ from analysis.context import Context
 from analysis.profiles import get_profile
 from widedeep import fused, sweep
 from widedeep.env import environment, git_commit
-from widedeep.records import write_json
+from widedeep.records import make_folder, write_json
+from widedeep.sweep_store import check_url
 
 STORAGE_FILE = "report.sqlite3"
 
@@ -180,7 +181,9 @@ def build(*, profile: str = "quick", out: str | os.PathLike = "results",
     start = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per sweep is enough
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if storage is not None:
+        check_url(storage)  # before any work: a bad URL is one error line
+    make_folder(out)
     storage = storage or default_storage(out)
     env = report_environment(profile, storage) | {"engine": engine}
     ctx = Context(profile=dataclasses.replace(get_profile(profile), engine=engine), out=out,

@@ -43,6 +43,57 @@ def test_out_writes_a_complete_run_folder(capsys, tmp_path):
     assert code == 2 and "already exists" in err
 
 
+@pytest.mark.parametrize("where,words", [
+    ("a file", "output folder '{f}' is a file"),
+    ("under a file", "cannot create folder '{f}': '{f}' is a file"),
+    ("non-empty", "output folder '{d}' already exists and is not empty"),
+])
+def test_a_bad_out_is_refused_before_training(capsys, tmp_path, monkeypatch, where, words):
+    import widedeep.run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(widedeep.run, "run_many", no_training)
+    f, d = tmp_path / "file", tmp_path / "full"
+    f.write_text("x")
+    d.mkdir()
+    (d / "keep").write_text("x")
+    out = {"a file": f, "under a file": f / "run", "non-empty": d}[where]
+    code, _, err = run_cli(capsys, "train", "--dataset", "iris", "--out", str(out))
+    assert code == 2 and err.strip() == "error: " + words.format(f=f, d=d)
+    assert f.read_text() == "x" and [p.name for p in d.iterdir()] == ["keep"]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--out", "{f}"], "cannot create folder '{f}': '{f}' is a file"),
+    (["--storage", "bogus://x"], "storage must be a database URL"),
+    (["--storage", "sqlite://"], "in-memory SQLite database"),
+    (["--storage", "sqlite:///:memory:"], "in-memory SQLite database"),
+])
+def test_report_refuses_a_bad_out_or_storage_before_any_work(capsys, tmp_path, argv, words):
+    f = tmp_path / "file"
+    f.write_text("x")
+    argv = [a.format(f=f) for a in argv]
+    code, out, err = run_cli(capsys, "report", "--profile", "tiny", "--quiet",
+                             *(["--out", str(tmp_path / "results")] if "--out" not in argv
+                               else []), *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and words.format(f=f) in lines[0], err
+    assert not (tmp_path / "results").exists() and f.read_text() == "x"
+
+
+def test_a_file_system_error_is_one_line_not_a_traceback(capsys, monkeypatch):
+    import widedeep.run
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "/data/x")
+
+    monkeypatch.setattr(widedeep.run, "run_many", disk_full)
+    code, _, err = run_cli(capsys, "train", "--dataset", "iris")
+    assert (code, err) == (1, "error: '/data/x' No space left on device\n")
+
+
 def test_top_level_help_describes_the_tool_for_its_users():
     proc = subprocess.run([sys.executable, "-m", "widedeep", "--help"], capture_output=True,
                           text=True, timeout=60)

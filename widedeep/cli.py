@@ -93,10 +93,12 @@ def options_from_args(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from widedeep.config import make_config
     from widedeep.env import environment
-    from widedeep.records import write_run_folder
+    from widedeep.records import check_run_folder, write_run_folder
     from widedeep.run import resolve_device, run_many
 
     config = make_config(**options_from_args(args))
+    if args.out:
+        check_run_folder(args.out)
     # run_many honours --engine: batched where forced (and possible), else the plain loop
     result = run_many([config], progress=not args.quiet and sys.stderr.isatty())[0]
     if args.out:
@@ -201,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system said no (a path, a full disk): no traceback
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"error:{where} {e.strerror or e}", file=sys.stderr)
+        return 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -34,13 +34,38 @@ def write_json(path: Path, obj) -> None:
         raise
 
 
+def make_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` and its parents (if absent) and check that it takes files; one error
+    line naming the problem if not."""
+    folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"cannot create folder {str(folder)!r}: {str(blocker)!r} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=folder).cleanup()
+    except OSError as e:
+        raise UserError(f"cannot write into folder {str(folder)!r}: {e.strerror or e}") from None
+    return folder
+
+
+def check_run_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a Path, once it is known that a run folder can be written there (``out``
+    absent or an empty folder, in a folder that takes files): checked before training too,
+    so that a long run is not lost to a bad --out."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {str(out)!r} is a file")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"output folder {str(out)!r} already exists and is not empty")
+    make_folder(out.parent)
+    return out
+
+
 def write_run_folder(out: str | os.PathLike, *, config: dict, summary: dict,
                      history: list[dict], probes: list[dict], environment: dict) -> Path:
     """Write a complete run folder at ``out``; refuse to overwrite an existing one."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {str(out)!r} already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_run_folder(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         write_json(tmp / "config.json", config)

@@ -75,6 +75,9 @@ def check_url(url: str) -> str:
     if "://" not in url or scheme not in RDB_SCHEMES:
         raise UserError(f"storage must be a database URL ({', '.join(RDB_SCHEMES)}), "
                         f"got {url!r}")
+    if scheme == "sqlite" and url.split("://", 1)[1] in ("", "/", "/:memory:"):
+        raise UserError(f"storage {url!r} is an in-memory SQLite database, which no other "
+                        "connection or worker sees: name a file, sqlite:///path/to/file")
     if url.startswith("postgresql://"):  # SQLAlchemy 2.1 defaults to psycopg (3)
         for driver in ("psycopg", "psycopg2"):
             if importlib.util.find_spec(driver) is not None:
