@@ -94,6 +94,43 @@ def test_a_file_system_error_is_one_line_not_a_traceback(capsys, monkeypatch):
     assert (code, err) == (1, "error: '/data/x' No space left on device\n")
 
 
+def test_a_net_too_big_for_memory_is_one_error_line(capsys):
+    """A real failed allocation: 40 billion units x 4 features x 4 bytes (596 GiB)."""
+    code, _, err = run_cli(capsys, "train", "--dataset", "iris", "--widths", "40000000000")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: out of memory: ")
+
+
+@pytest.mark.parametrize("error,words", [
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                  "3221225472 bytes. Error code 12"), "a block of 3.0 GiB"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+     "CUDA out of memory. Tried to allocate 2.00 GiB"),
+    (MemoryError(), "MemoryError"),
+])
+def test_out_of_memory_names_what_did_not_fit(capsys, monkeypatch, error, words):
+    import widedeep.run
+
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(widedeep.run, "run_many", too_big)
+    code, _, err = run_cli(capsys, "train", "--dataset", "iris")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and words in lines[0]
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(monkeypatch):
+    import widedeep.run
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(widedeep.run, "run_many", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "--dataset", "iris"])
+
+
 def test_top_level_help_describes_the_tool_for_its_users():
     proc = subprocess.run([sys.executable, "-m", "widedeep", "--help"], capture_output=True,
                           text=True, timeout=60)

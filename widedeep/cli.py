@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import signal
 import sys
 import threading
@@ -189,6 +190,25 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt  # as Ctrl-C: worker processes are stopped, their claims given back
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """A failed allocation (a net too big for this machine or its GPU), as Python or torch
+    reports it."""
+    import torch
+
+    return isinstance(e, MemoryError | torch.OutOfMemoryError) or (
+        "can't allocate memory" in str(e))
+
+
+def _memory_message(e: BaseException) -> str:
+    """What did not fit, in a few words; else the error's first line."""
+    asked = re.search(r"tried to allocate (\d+) bytes", str(e))
+    if asked:
+        return (f"training needs a block of {int(asked.group(1)) / 2**30:.1f} GiB that this "
+                "machine cannot give (a smaller --width/--widths or --batch-size fits)")
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     # NOTE: SIGTERM (kill, a scheduler's time limit) stops a command as Ctrl-C does; by
     # default it would end this process alone and leave its background workers training.
@@ -203,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory: {_memory_message(e)}", file=sys.stderr)
+        return 1
     except OSError as e:  # the file system said no (a path, a full disk): no traceback
         where = f" {e.filename!r}" if e.filename else ""
         print(f"error:{where} {e.strerror or e}", file=sys.stderr)
