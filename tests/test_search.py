@@ -94,6 +94,9 @@ def test_cli_prints_leaderboard_with_baselines(searched, capsys):
     (["--dataset", "nope"], "unknown dataset 'nope'"),
     (["--trials", "0"], "trials, workers, max_depth and max_epochs must be >= 1"),
     (["--split", "cv:1"], "split must be"),
+    (["--timeout", "-1"], "timeout must be a positive number of seconds"),
+    (["--timeout", "0"], "timeout must be a positive number of seconds"),
+    (["--timeout", "nan"], "timeout must be a positive number of seconds"),
 ])
 def test_bad_search_options_exit_2(argv, words, tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/s.sqlite3"

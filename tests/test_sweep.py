@@ -123,6 +123,21 @@ def test_bad_spec_exits_2_before_any_training(tmp_path, url, capsys):
     assert not (tmp_path / "sweeps.sqlite3").exists()
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--grace", "0"], "grace must be a number of seconds >= 1, got grace=0.0"),
+    (["--grace", "-5"], "grace must be a number of seconds >= 1, got grace=-5.0"),
+    (["--grace", "nan"], "grace must be a number of seconds >= 1, got grace=nan"),
+    (["--workers", "0"], "workers must be >= 1, got workers=0"),
+    (["--storage", "sqlite://"], "in-memory SQLite database"),
+])
+def test_bad_sweep_options_exit_2_before_any_training(tmp_path, url, capsys, argv, words):
+    path = write_toml(tmp_path / "ok.toml", tiny())
+    assert main(["sweep", str(path), "--storage", url, "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert not (tmp_path / "sweeps.sqlite3").exists()
+
+
 # ---------------------------------------------------------------------- running
 
 

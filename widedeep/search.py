@@ -157,6 +157,9 @@ def run_search(*, study: str | None = None, dataset: str = "diabetes", split: st
     if trials < 1 or workers < 1 or max_depth < 1 or max_epochs < 1:
         raise UserError(f"trials, workers, max_depth and max_epochs must be >= 1, got "
                         f"{trials=}, {workers=}, {max_depth=}, {max_epochs=}")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"timeout must be a positive number of seconds, got {timeout=}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created
     if storage is None:
         Path("results").mkdir(exist_ok=True)
     url = storage or DEFAULT_STORAGE

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,15 @@ def prepare(spec: SweepSpec, url: str, store: Store | None = None) -> None:
             for i, p in enumerate(spec.points()) for j, s in enumerate(spec.seeds)])
 
 
+def _check_workers_and_grace(workers: int, grace_s: float | None) -> None:
+    if workers < 1:
+        raise UserError(f"workers must be >= 1, got workers={workers}")
+    # NOTE: workers renew their lease every grace / 4 seconds: below a second that hammers
+    # the database, and a lease that short is lost to any pause of the machine.
+    if grace_s is not None and not (math.isfinite(grace_s) and grace_s >= 1):
+        raise UserError(f"grace must be a number of seconds >= 1, got grace={grace_s}")
+
+
 def run_sweep(spec: SweepSpec, *, storage: str | None = None, workers: int = 1,
               progress: bool = True, grace_s: float | None = None) -> dict:
     """Run every trial not yet done; returns {"total", "done", "failed", "diverged", "ran_now"}.
@@ -209,8 +219,7 @@ def run_sweep(spec: SweepSpec, *, storage: str | None = None, workers: int = 1,
     """
     from widedeep import sweep_worker
 
-    if workers < 1:
-        raise UserError(f"workers must be >= 1, got workers={workers}")
+    _check_workers_and_grace(workers, grace_s)
     url = storage or default_storage(spec)
     with Store(url) as store:  # opened once: an Optuna storage takes ~0.5 s to open
         prepare(spec, url, store)
@@ -226,8 +235,7 @@ def start_sweeps(specs: list[SweepSpec], *, storage: str, workers: int,
     when every trial is done."""
     from widedeep import sweep_worker
 
-    if workers < 1:
-        raise UserError(f"workers must be >= 1, got workers={workers}")
+    _check_workers_and_grace(workers, grace_s)
     with Store(storage) as store:
         for spec in specs:
             prepare(spec, storage, store)
