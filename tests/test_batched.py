@@ -116,6 +116,27 @@ def test_dropout_matches_plain_loop(activation, residual, batch_size):
     _compare(configs, [train] * 3, n_classes, vals=[val] * 3)
 
 
+@pytest.mark.parametrize("alpha", [False, True], ids=["dropout", "alpha-dropout"])
+def test_the_torch_ops_step_draws_dropout_masks_compiled_as_the_plain_loop(monkeypatch, alpha):
+    """Where the compiled step is not used (rrelu, or layers wider than it takes), dropout's
+    masks still come from its compiled draw of each model's stream, and match the plain
+    loop's; torch's bernoulli_ draws them only where that cannot be had."""
+    from widedeep import fused
+
+    if fused.library() is None:
+        pytest.skip(f"no compiled step here ({fused.status()})")
+    drawn = []
+    real = batched.dropout_masks
+    monkeypatch.setattr(batched, "dropout_masks", lambda *a: drawn.append(a) or real(*a))
+    train, n_classes = _split("wine", rows=120)
+    configs = [make_config(optimizer="adam", lr=0.01, epochs=6, dropout=0.3, seed=s,
+                           activation="selu" if alpha else "rrelu", batch_size=40,
+                           widths=(7, fused.MAX_WIDTH + 3) if alpha else (7, 7),
+                           init="lecun" if alpha else "default") for s in range(3)]
+    _compare(configs, [train] * 3, n_classes)
+    assert drawn == []  # not torch's draw: the compiled one
+
+
 @pytest.mark.parametrize("dataset,cross,dropout,batch_size", [
     ("wine", False, 0.0, None), ("wine", True, 0.2, 40),
     ("breast_cancer", True, 0.0, None), ("breast_cancer", False, 0.3, 40)])
