@@ -194,6 +194,9 @@ CSV_CASES = [
     ("inf", "a,b,y\n1,2,x\n3,inf,y\n", "infinite"),
     ("one class", "a,b,y\n1,2,x\n3,4,x\n", "two classes"),
     ("no target", "a,b,c\n1,2,x\n3,4,y\n", "'y'"),
+    ("missing label", "a,b,y\n1,2,x\n3,4, \n5,6,z\n", "row 3 has no target value"),
+    ("duplicate target", "y,a,y\n1,2,1\n3,4,0\n", "'y' appear(s) more than once"),
+    ("semicolons", "a;b;y\n1;2;x\n3;4;y\n", "separated by ';'"),
 ]
 
 

@@ -199,6 +199,10 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
         raise UserError(f"CSV file {str(path)!r} is empty: it needs a header row and at least "
                         f"one data row, found {len(rows)} row(s)")
     header, body = [h.strip() for h in rows[0]], rows[1:]
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise UserError(f"{str(path)!r}: column names must be unique, "
+                        f"{', '.join(map(repr, twice))} appear(s) more than once")
     for i, row in enumerate(body, start=2):  # row numbers as a spreadsheet shows them
         if len(row) != len(header):
             raise UserError(f"{str(path)!r}: row {i} has {len(row)} fields, "
@@ -225,6 +229,9 @@ def _parse_features(path: Path, header: list[str], body: list[list[str]],
 def _encode_target(path: Path, values: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
     """Sorted unique values -> classes 0..C-1 (numeric targets sort numerically)."""
     values = [v.strip() for v in values]
+    if "" in values:
+        raise UserError(f"{str(path)!r}: row {values.index('') + 2} has no target value "
+                        "(a missing label)")
     try:
         numbers = [float(v) for v in values]
     except ValueError:
@@ -245,8 +252,11 @@ def _encode_target(path: Path, values: list[str]) -> tuple[np.ndarray, tuple[str
 def _load_csv(path: Path, target: str) -> Dataset:
     header, body = _read_rows(path)
     if target not in header:
+        sep = next((c for c in ";\t|" if len(header) == 1 and c in header[0]), None)
+        hint = f" (the header looks separated by {sep!r}: widedeep reads comma-separated " \
+            "values)" if sep else ""
         raise UserError(f"target column {target!r} not in {str(path)!r}; "
-                        f"columns: {', '.join(header)}")
+                        f"columns: {', '.join(header)}{hint}")
     t = header.index(target)
     cols = [c for c in range(len(header)) if c != t]
     if not cols:
