@@ -129,12 +129,16 @@ def test_bad_spec_exits_2_before_any_training(tmp_path, url, capsys):
     (["--grace", "nan"], "grace must be a number of seconds >= 1, got grace=nan"),
     (["--workers", "0"], "workers must be >= 1, got workers=0"),
     (["--storage", "sqlite://"], "in-memory SQLite database"),
+    (["--export", "{tmp}"], "--export '{tmp}' is a folder"),
+    (["--export", "{tmp}/ok.toml/trials.csv"], "'{tmp}/ok.toml' is a file"),
 ])
 def test_bad_sweep_options_exit_2_before_any_training(tmp_path, url, capsys, argv, words):
     path = write_toml(tmp_path / "ok.toml", tiny())
+    argv = [a.format(tmp=tmp_path) for a in argv]
     assert main(["sweep", str(path), "--storage", url, "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert words.format(tmp=tmp_path) in err[0]
     assert not (tmp_path / "sweeps.sqlite3").exists()
 
 

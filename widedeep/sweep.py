@@ -16,11 +16,13 @@ import itertools
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from widedeep.config import OPTION_NAMES, PRESETS, make_config
 from widedeep.errors import UserError
+from widedeep.records import make_folder
 from widedeep.sweep_store import TERMINAL, Store, get_blob
 
 try:
@@ -306,10 +308,27 @@ def _cell(value):
 def export_csv(spec_or_name: SweepSpec | str, path: str | os.PathLike, *,
                storage: str) -> Path:
     """Write :func:`trials` as one CSV table (lists and dicts as JSON); returns the path."""
-    rows, path = trials(spec_or_name, storage=storage), Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["study"])
-        writer.writeheader()
-        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+    path = check_export(path)
+    rows = trials(spec_or_name, storage=storage)
+    # written beside it and renamed into place: an interrupted export leaves no half table
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["study"])
+            writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_export(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, once it is known a CSV table can be written there (checked
+    before a sweep runs, so that a typo costs no sweep)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--export {str(path)!r} is a folder: name a file, e.g. trials.csv")
+    make_folder(path.parent)
     return path

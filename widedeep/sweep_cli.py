@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = sweep.load_spec(args.spec)
+    if args.export:
+        sweep.check_export(args.export)
     url = args.storage or sweep.default_storage(spec)
     counts = sweep.run_sweep(spec, storage=url, workers=args.workers,
                              progress=not args.quiet, grace_s=args.grace)
