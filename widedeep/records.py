@@ -7,6 +7,7 @@ leaves a folder that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,20 +19,29 @@ from widedeep.errors import UserError
 COMPLETE = "COMPLETE"
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, newline: str | None = None):
+    """A text file to write ``path`` through: written beside it, flushed to disk and renamed
+    into place on leaving the block; removed instead if the block raises, so that an
+    interrupted write leaves no partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", newline=newline) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.write("\n")
 
 
 def make_folder(folder: str | os.PathLike) -> Path:

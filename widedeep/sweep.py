@@ -16,13 +16,12 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from widedeep.config import OPTION_NAMES, PRESETS, make_config
 from widedeep.errors import UserError
-from widedeep.records import make_folder
+from widedeep.records import atomic_file, make_folder
 from widedeep.sweep_store import TERMINAL, Store, get_blob
 
 try:
@@ -310,17 +309,10 @@ def export_csv(spec_or_name: SweepSpec | str, path: str | os.PathLike, *,
     """Write :func:`trials` as one CSV table (lists and dicts as JSON); returns the path."""
     path = check_export(path)
     rows = trials(spec_or_name, storage=storage)
-    # written beside it and renamed into place: an interrupted export leaves no half table
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["study"])
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, newline="") as f:  # an interrupted export leaves no half table
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["study"])
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
     return path
 
 
