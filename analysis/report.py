@@ -76,6 +76,10 @@ def report_environment(profile: str, storage: str) -> dict:
     }
 
 
+def _lanes(lanes: int | None) -> str:
+    return f", {lanes} float lanes per vector" if lanes else ""
+
+
 def _header(env: dict, profile: str) -> str:
     cuda = env["cuda_device"] or "none"
     return "\n".join([
@@ -91,7 +95,8 @@ def _header(env: dict, profile: str) -> str:
         f"{env['threads']}); CUDA device: {cuda}",
         f"- torch {env['torch_version']}, Python {env['python_version']}, {env['platform']}",
         f"- batched engine's step for nets up to {fused.MAX_WIDTH} units wide: "
-        + ("compiled (`widedeep/_fused.c`)" if env.get("fused_step") == "compiled"
+        + (f"compiled (`widedeep/_fused.c`{_lanes(env.get('fused_lanes'))})"
+           if env.get("fused_step") == "compiled"
            else f"torch operations (compiled step {env.get('fused_step')})"),
         f"- date {env['date']}, commit `{env['commit']}`; records: `{env['storage']}` "
         "(see [`environment.json`](environment.json))",

@@ -65,6 +65,29 @@ def test_the_kernel_builds_where_there_is_a_compiler():
     assert fused.status() == "compiled"
 
 
+def _compiler_targets_avx512() -> bool | None:
+    """Whether the C compiler's -march=native means AVX-512; None where it cannot say."""
+    cc = os.environ.get("CC") or "cc"
+    out = subprocess.run([cc, "-march=native", "-dM", "-E", "-x", "c", os.devnull],
+                         capture_output=True, text=True)
+    return "__AVX512F__" in out.stdout if out.returncode == 0 else None
+
+
+@needs_kernel
+def test_the_kernel_takes_the_vectors_the_cpu_has():
+    # NOTE: 16-float vectors on a CPU without AVX-512 still build and give the same
+    # gradients, but each operation is split in two: a step ~10x slower and a build ~10x
+    # longer (AMD EPYC, AVX2). Only the vector width can tell.
+    avx512 = _compiler_targets_avx512()
+    if avx512 is None:
+        pytest.skip("the compiler does not know -march=native")
+    assert fused.library() is not None, fused.status()
+    assert fused.lanes() == (16 if avx512 else 8)
+    from widedeep.env import environment
+
+    assert environment()["fused_lanes"] == fused.lanes()
+
+
 @needs_kernel
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-rows", "own-rows"])
 @pytest.mark.parametrize("n_classes", [2, 3])

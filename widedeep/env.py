@@ -77,6 +77,7 @@ def environment(device: torch.device | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "malloc_retains_freed": bool(_retained),
         "fused_step": fused.status(),
+        "fused_lanes": fused.lanes(),
         "cuda_available": cuda,
         "cuda_device": torch.cuda.get_device_name(device if use_cuda else 0) if cuda else None,
     }

@@ -93,6 +93,12 @@ def status() -> str | None:
     return _status
 
 
+def lanes() -> int | None:
+    """Floats per vector of the loaded build: 16 where the compiler targets AVX-512, else 8;
+    None without one."""
+    return _lib.widedeep_lanes() if _lib is not None else None
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled step, building it on first use; None when it cannot be had."""
     global _lib, _status
@@ -185,6 +191,7 @@ def _load(path: Path) -> ctypes.CDLL:
                   ctypes.c_double, c_float, c_float, c_float, c_float,  # keep on off shifts
                   ptr, ptr]  # noise shift
     f.restype = c_int
+    lib.widedeep_lanes.argtypes, lib.widedeep_lanes.restype = [], c_int
     return lib
 
 
