@@ -7,7 +7,7 @@ import pandas as pd
 from analysis import grid, plots
 from analysis.context import Context, make_spec
 from analysis.profiles import Profile
-from analysis.tables import geomean, mean_pm_std
+from analysis.tables import geomean, mean_pm_std, not_told_apart
 
 
 def specs(profile: Profile) -> dict:
@@ -38,6 +38,7 @@ def summary_table(trials: pd.DataFrame) -> pd.DataFrame:
             "test_loss": mean_pm_std(g["test_loss"].mean(), g["test_loss"].std()),
             "test_accuracy": mean_pm_std(g["test_accuracy"].mean(), g["test_accuracy"].std()),
             "test_loss_mean": g["test_loss"].mean(),
+            "test_loss_std": g["test_loss"].std(),
             "diverged": int(g["diverged"].sum()),
         })
     return pd.DataFrame(rows)
@@ -59,15 +60,24 @@ def _figure(ctx: Context, rows: pd.DataFrame) -> str:
 
 
 def _best_text(table: pd.DataFrame) -> str:
+    """Per activation, the init with the lowest mean held-out loss, and the inits the seeds
+    cannot tell from it: a mean within the larger of the two standard deviations over seeds
+    (on a net stuck at the prior, every init scores the same loss)."""
     lines = []
     for act, g in table.groupby("activation", sort=False):
         scored = g.dropna(subset=["test_loss_mean"])
         if scored.empty:
             continue
         best = scored.loc[scored["test_loss_mean"].idxmin()]
-        lines.append(f"- {act}: lowest held-out loss with init={best['init']} "
-                     f"({best['test_loss']}), first/last ratio at init "
-                     f"{best['ratio_at_init']:.2g}")
+        tied = scored[not_told_apart(scored["test_loss_mean"], scored["test_loss_std"],
+                                     best.name)]
+        line = (f"- {act}: lowest held-out loss with init={best['init']} ({best['test_loss']}), "
+                f"first/last ratio at init {best['ratio_at_init']:.2g}")
+        if not tied.empty:
+            line += ("; not told apart by the seeds (mean within a standard deviation over "
+                     "seeds): " + ", ".join(f"{r['init']} ({r['test_loss']})"
+                                             for _, r in tied.iterrows()))
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -84,5 +94,6 @@ def render(ctx: Context) -> str:
         "self-normalise).\n",
         _figure(ctx, layer_rows(ctx.records(spec))),
         _best_text(table),
-        ctx.table("init_compare", table.drop(columns="test_loss_mean"), "Per init"),
+        ctx.table("init_compare", table.drop(columns=["test_loss_mean", "test_loss_std"]),
+                  "Per init"),
     ])

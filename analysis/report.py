@@ -71,7 +71,7 @@ def report_environment(profile: str, storage: str) -> dict:
         "commit": git_commit(Path(__file__).resolve().parent),
         "profile": profile,
         "storage": storage,
-        "command": "widedeep " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["report"]
+        "command": "widedeep " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["report"]
         else None,
     }
 

@@ -31,6 +31,17 @@ def to_markdown(df: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join([header, rule, *rows])
 
 
+# Means closer than this (below the 3 digits the tables show) count as equal.
+SAME_LOSS = 5e-4
+
+
+def not_told_apart(mean: pd.Series, std: pd.Series, best) -> pd.Series:
+    """Which rows the seeds cannot tell from row ``best`` (the lowest mean): a mean within the
+    larger of the two standard deviations over seeds. ``best`` itself is False."""
+    spread = np.maximum(std.fillna(0.0), 0.0 if pd.isna(std[best]) else std[best])
+    return (mean.index != best) & (mean - mean[best] <= spread + SAME_LOSS)
+
+
 def mean_pm_std(mean: float | None, std: float | None, digits: int = 3) -> str:
     """``0.512 ± 0.013``; the std is left out where there is only one value."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from widedeep import sweep
+from widedeep import fused, sweep
 from widedeep.cli import main
 
 pytestmark = pytest.mark.slow
@@ -137,6 +138,52 @@ def test_environment_is_recorded(report):
     assert env["profile"] == "tiny"
     assert sorted(env["section_seconds"]) == [str(n) for n in range(1, 8)]
     assert all(s["seconds"] >= 0 for s in env["sweeps"])
+
+
+def test_the_command_that_wrote_the_report_is_recorded(monkeypatch):
+    from analysis.report import report_environment
+
+    monkeypatch.setattr(sys, "argv", ["widedeep", "report", "--profile", "tiny", "--quiet"])
+    env = report_environment("tiny", "sqlite:///x.sqlite3")
+    assert env["command"] == "widedeep report --profile tiny --quiet"
+    assert env["fused_lanes"] == fused.lanes()
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # not the command line: nothing to record
+    assert report_environment("tiny", "sqlite:///x.sqlite3")["command"] is None
+
+
+def test_the_best_init_names_the_inits_the_seeds_cannot_tell_from_it():
+    from analysis.inits import _best_text
+
+    def row(act, init, mean, std):
+        return {"activation": act, "init": init, "ratio_at_init": 0.5,
+                "test_loss": f"{mean:.3f} ± {std:.3f}", "test_loss_mean": mean,
+                "test_loss_std": std}
+
+    table = pd.DataFrame([
+        row("tanh", "default", 0.570, 0.086), row("tanh", "lecun", 0.620, 0.022),
+        row("tanh", "xavier", 0.962, 0.429), row("tanh", "kaiming", 1.038, 0.099),
+        row("sigmoid", "default", 0.6471, 0.0), row("sigmoid", "xavier", 0.6469, 0.0),
+        row("relu", "default", 0.40, 0.01), row("relu", "lecun", 0.60, 0.01),
+    ])
+    lines = dict(line.split(":", 1) for line in _best_text(table).strip().splitlines())
+    assert "init=default" in lines["- tanh"] and "lecun (0.620 ± 0.022)" in lines["- tanh"]
+    assert "xavier (0.962 ± 0.429)" in lines["- tanh"]  # 0.392 above, its spread 0.429
+    assert "kaiming" not in lines["- tanh"]  # 0.468 above: more than 0.099 and 0.086
+    assert "init=xavier" in lines["- sigmoid"] and "default (0.647" in lines["- sigmoid"]
+    assert "not told apart" not in lines["- relu"]
+
+
+def test_the_best_dataset_cell_counts_the_cells_the_seeds_cannot_tell_from_it():
+    from analysis.datasets import best_row
+
+    agg = pd.DataFrame({
+        "activation": ["relu", "tanh", "selu", "gelu"], "depth": [1, 1, 2, 2],
+        "test_loss_mean": [0.10, 0.12, 0.30, 0.105], "test_loss_std": [0.03, 0.001, 0.01, None],
+        "test_accuracy_mean": [0.9] * 4, "test_accuracy_std": [0.01] * 4})
+    logreg = pd.DataFrame({"test_loss": [0.2, 0.22], "test_accuracy": [0.9, 0.91]})
+    row = best_row("wine", agg, logreg)
+    assert (row["best_activation"], row["best_depth"]) == ("relu", 1)
+    assert row["not_told_apart"] == 2  # tanh (0.02 above, within relu's 0.03) and gelu
 
 
 def test_rerun_trains_nothing(report):
