@@ -92,20 +92,37 @@ def options_from_args(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from widedeep.batched_run import plan
+    from widedeep.checkpoint import Checkpoint
     from widedeep.config import make_config
     from widedeep.env import environment
     from widedeep.records import check_run_folder, write_run_folder
-    from widedeep.run import resolve_device, run_many
+    from widedeep.run import resolve_device, run_experiment, run_many
 
     config = make_config(**options_from_args(args))
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out: the run folder whose checkpoint to continue")
     if args.out:
         check_run_folder(args.out)
-    # run_many honours --engine: batched where forced (and possible), else the plain loop
-    result = run_many([config], progress=not args.quiet and sys.stderr.isatty())[0]
+    progress = not args.quiet and sys.stderr.isatty()
+    # --engine: batched where forced or where folds train together, else the plain loop
+    reason = plan([config])[0]
+    checkpoint = None
+    if args.out and reason is not None:  # the plain loop keeps a checkpoint beside --out
+        checkpoint = Checkpoint.start(args.out, config.to_dict(), resume=args.resume)
+        result = run_experiment(config, progress=progress, checkpoint=checkpoint)
+        result.summary.update(engine="plain", engine_reason=reason)
+    elif args.resume:
+        raise UserError("--resume: this run trains on the batched engine, which keeps no "
+                        "checkpoint (only plain-loop runs do; see --engine)")
+    else:
+        result = run_many([config], progress=progress)[0]
     if args.out:
         write_run_folder(args.out, config=config.to_dict(), summary=result.summary,
                          history=result.history, probes=result.probes,
                          environment=environment(resolve_device(config.device)))
+        if checkpoint is not None:
+            checkpoint.remove()
     if args.json:
         print(json.dumps(result.summary))
     else:
@@ -173,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train and evaluate one configuration")
     add_train_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--out", help="write a run folder (config, report, history, probes)")
+    p.add_argument("--out", help="write a run folder (config, report, history, probes); "
+                   "training on the plain loop is checkpointed beside it, in OUT.checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run of --out from its checkpoint (give the "
+                        "same options)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
     sub.add_parser("activations", help="list activations").set_defaults(func=cmd_activations)
@@ -220,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"error: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):

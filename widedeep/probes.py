@@ -129,6 +129,12 @@ class ProbeCallback(Callback):
         # After early stopping the weights are the best epoch's; record them as "final".
         self._record(model, -1)
 
+    def state_dict(self) -> dict:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = dict(state["records"])
+
     @property
     def rows(self) -> list[dict]:
         return [row for epoch in sorted(self.records) for row in self.records[epoch]["rows"]]

@@ -12,6 +12,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from widedeep.errors import UserError
 from widedeep.model import build_model, layer_sizes, step_flops
 from widedeep.probes import ProbeCallback, grad_ratio
 from widedeep.train import FitResult, Split, criterion_for, fit, predict_logits
+
+if TYPE_CHECKING:
+    from widedeep.checkpoint import Checkpoint
 
 # NOTE: on small nets, intra-op threads save nothing and cost a lot on a busy machine (2-core
 # dev VM: a 100-epoch lecture run took 0.10 s on 1 thread; on 2 threads 0.11 s when idle but
@@ -88,14 +92,26 @@ def epochs_to_leave_plateau(train_loss: list[float], base_rate: float) -> int | 
 
 
 def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
-                   progress: bool = False) -> RunResult:
-    """Train and evaluate ``config`` on every fold of its split (the plain loop)."""
+                   progress: bool = False, checkpoint: Checkpoint | None = None) -> RunResult:
+    """Train and evaluate ``config`` on every fold of its split (the plain loop); with
+    ``checkpoint``, resume what it saved and save as training goes."""
     start = time.perf_counter()
     device = resolve_device(config.device)
     ds = dataset if dataset is not None else load_for(config)
     folds = data.make_folds(ds.y, config.split, test_size=config.test_size, seed=config.seed)
     with num_threads(resolve_threads(config, ds)):
-        fits = [_fit_fold(config, ds, fold, device, progress) for fold in folds]
+        fits = []
+        for k, fold in enumerate(folds):
+            saved = checkpoint.fold_states.get(k) if checkpoint is not None else None
+            if saved is not None:
+                fits.append(_restore_fold(config, ds, fold, device, saved))
+                continue
+            fits.append(_fit_fold(config, ds, fold, device, progress, checkpoint, k))
+            if checkpoint is not None:
+                f = fits[-1]
+                checkpoint.finish_fold(k, {"model": f.model.state_dict(), "fit": f.fit,
+                                           "prober": f.prober.state_dict()})
+                checkpoint.save()
         result = assemble(config, ds, folds, fits, device)
     result.summary["seconds"] = time.perf_counter() - start
     return result
@@ -164,13 +180,24 @@ def make_prober(config: TrainConfig, ds: Dataset, train: Split) -> ProbeCallback
                          config.probe_epochs)
 
 
-def _fit_fold(config, ds: Dataset, fold: data.Fold, device, progress) -> FoldFit:
+def _fit_fold(config, ds: Dataset, fold: data.Fold, device, progress,
+              checkpoint: Checkpoint | None = None, k: int = 0) -> FoldFit:
     d = fold_data(config, ds, fold, device)
     model = fresh_model(config, ds, device)
     prober = make_prober(config, ds, d.train)
     result = fit(model, d.train, config, ds.n_classes, val=d.val, callbacks=(prober,),
-                 progress=progress)
+                 progress=progress, checkpoint=checkpoint, fold=k)
     return FoldFit(data=d, model=model, fit=result, prober=prober)
+
+
+def _restore_fold(config, ds: Dataset, fold: data.Fold, device, saved: dict) -> FoldFit:
+    """A fold a checkpoint holds as finished: its data again, its trained weights."""
+    d = fold_data(config, ds, fold, device)
+    model = fresh_model(config, ds, device)
+    model.load_state_dict(saved["model"])
+    prober = make_prober(config, ds, d.train)
+    prober.load_state_dict(saved["prober"])
+    return FoldFit(data=d, model=model, fit=saved["fit"], prober=prober)
 
 
 def assemble(config: TrainConfig, ds: Dataset, folds: list[data.Fold], fits: list[FoldFit],

@@ -7,10 +7,12 @@ its update (for full-batch training: the loss the lecture prints).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,9 @@ from tqdm import tqdm
 
 from widedeep.config import TrainConfig
 from widedeep.errors import UserError
+
+if TYPE_CHECKING:
+    from widedeep.checkpoint import Checkpoint
 
 
 @dataclass
@@ -50,6 +55,12 @@ class Callback:
     def on_epoch_end(self, model: nn.Module, epoch: int, result: FitResult) -> None: ...
 
     def on_train_end(self, model: nn.Module, result: FitResult) -> None: ...
+
+    def state_dict(self) -> dict | None:
+        """What a checkpoint must keep to resume this callback (see widedeep.checkpoint)."""
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None: ...
 
 
 def criterion_for(n_classes: int):
@@ -85,41 +96,84 @@ def check_batches(config: TrainConfig, n: int) -> None:
 
 def fit(model: nn.Module, train: Split, config: TrainConfig, n_classes: int, *,
         val: Split | None = None, callbacks: tuple[Callback, ...] = (),
-        progress: bool = False) -> FitResult:
+        progress: bool = False, checkpoint: Checkpoint | None = None,
+        fold: int = 0) -> FitResult:
     """Train ``model`` in place; with ``val`` and ``config.patience``, stop early and keep
-    the weights of the epoch with the lowest validation loss."""
+    the weights of the epoch with the lowest validation loss. With ``checkpoint``, fold
+    ``fold`` resumes from its saved state, if any, and is saved at epoch ends (see
+    widedeep.checkpoint)."""
     check_batches(config, train.X.shape[0])
     criterion = criterion_for(n_classes)
     optimizer = make_optimizer(config, model.parameters())
     order = torch.Generator().manual_seed(config.seed)  # mini-batch order, CPU stream
     result, best_state, best_val = FitResult(), None, math.inf
-    for cb in callbacks:
-        cb.on_train_begin(model)
-    bar = tqdm(range(1, config.epochs + 1), disable=not progress, file=sys.stderr, delay=1.0,
-               leave=False, unit="epoch", desc="train")
-    for epoch in bar:
-        model.train()
-        loss = _epoch(model, train, config.batch_size, criterion, optimizer, order)
-        result.train_loss.append(loss)
-        if not math.isfinite(loss):
-            result.diverged, result.diverged_reason = True, f"training loss {loss} at epoch {epoch}"
-            break
-        if val is not None:
-            result.val_loss.append(evaluate_loss(model, val, criterion))
-            if result.val_loss[-1] < best_val:
-                best_val, result.best_epoch = result.val_loss[-1], epoch
-                best_state = copy.deepcopy(model.state_dict())
+    saved = checkpoint.resume_state(fold) if checkpoint is not None else None
+    if saved is None:
+        first = 1
         for cb in callbacks:
-            cb.on_epoch_end(model, epoch, result)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if config.patience and result.best_epoch and epoch - result.best_epoch >= config.patience:
-            break
+            cb.on_train_begin(model)
+    else:
+        first = saved["epoch"] + 1
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        order.set_state(saved["order"])
+        _set_rng_state(saved["rng"], train.X.device)
+        result, best_state, best_val = saved["result"], saved["best_state"], saved["best_val"]
+        for cb, state in zip(callbacks, saved["callbacks"], strict=True):
+            cb.load_state_dict(state)
+    bar = tqdm(range(first, config.epochs + 1), initial=first - 1, total=config.epochs,
+               disable=not progress, file=sys.stderr, delay=1.0, leave=False, unit="epoch",
+               desc="train")
+    with checkpoint.training() if checkpoint is not None else contextlib.nullcontext():
+        for epoch in bar:
+            model.train()
+            loss = _epoch(model, train, config.batch_size, criterion, optimizer, order)
+            result.train_loss.append(loss)
+            if not math.isfinite(loss):
+                result.diverged = True
+                result.diverged_reason = f"training loss {loss} at epoch {epoch}"
+                break
+            if val is not None:
+                result.val_loss.append(evaluate_loss(model, val, criterion))
+                if result.val_loss[-1] < best_val:
+                    best_val, result.best_epoch = result.val_loss[-1], epoch
+                    best_state = copy.deepcopy(model.state_dict())
+            for cb in callbacks:
+                cb.on_epoch_end(model, epoch, result)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if (config.patience and result.best_epoch
+                    and epoch - result.best_epoch >= config.patience):
+                break
+            if checkpoint is not None and checkpoint.due():
+                checkpoint.save(fold, {
+                    "epoch": epoch, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "order": order.get_state(),
+                    "rng": _rng_state(train.X.device), "result": result,
+                    "best_state": best_state, "best_val": best_val,
+                    "callbacks": [cb.state_dict() for cb in callbacks]})
+                if checkpoint.pending:
+                    bar.close()
+                    raise KeyboardInterrupt(f"epoch {epoch} of {config.epochs} saved in "
+                                            f"{checkpoint.path}; run the same command with "
+                                            "--resume to continue")
     bar.close()
     if best_state is not None and config.patience:
         model.load_state_dict(best_state)
     for cb in callbacks:
         cb.on_train_end(model, result)
     return result
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The stream dropout and rrelu draw from on ``device``."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _epoch(model, train: Split, batch_size, criterion, optimizer, order) -> float:
