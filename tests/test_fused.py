@@ -3,6 +3,7 @@ where it does not, or where it cannot be built."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -487,8 +488,18 @@ def test_a_build_removes_builds_unused_for_a_month(tmp_path, monkeypatch):
     for path, age in ((old, month + 60), (recent, month - 3600), (leftover, month + 60)):
         path.write_bytes(b"")
         os.utime(path, (time.time() - age, time.time() - age))
+    terminal = _Terminal()
+    monkeypatch.setattr(fused.sys, "stderr", terminal)
     built = fused._build()
     assert built.exists() and recent.exists()
     assert not old.exists() and not leftover.exists()
+    assert "building the compiled training step" in terminal.getvalue()  # a pause: said why
+    terminal.truncate(0)
     os.utime(built, (0, 0))
     assert fused._build() == built and built.stat().st_mtime > time.time() - 60
+    assert terminal.getvalue() == ""  # cached: nothing to say
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True

@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -144,6 +145,9 @@ def _build() -> Path:
             except OSError:
                 pass
             return target
+        if sys.stderr.isatty():  # a pause of seconds, once per machine: say what it is
+            print("widedeep: building the compiled training step for this CPU (once)...",
+                  file=sys.stderr, flush=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
