@@ -34,7 +34,7 @@ fi
 log "tests"
 timeout 240 python -m pytest -q -rs -p no:cacheprovider -W ignore::DeprecationWarning \
     tests/test_batched.py tests/test_batched_grad.py tests/test_model.py tests/test_cli.py \
-    -k "cuda or graph or batched or manual" 2>&1 | tail -25 | tee "$OUT/tests.txt"
+    tests/test_checkpoint.py -k "cuda or graph or batched or manual" 2>&1 | tail -25 | tee "$OUT/tests.txt"
 tests=${PIPESTATUS[0]}
 
 # 2. The quick benchmark subset on CPU and CUDA, side by side in one run.

@@ -53,17 +53,22 @@ CONFIGS = {
         probe_epochs="3,20"),
     "rrelu-momentum": dict(dataset="wine", widths="6", activation="rrelu", momentum=0.9,
                            epochs=20, engine="plain"),
+    # on CUDA, dropout draws from the device's own stream
+    "cuda-dropout": dict(dataset="wine", widths="16,16", activation="tanh", dropout=0.3,
+                         optimizer="adam", lr=0.01, epochs=20, device="cuda"),
 }
 
 
 # saves: the lecture 30; rrelu 20 + 1 for its fold; iris, per fold, its epochs (fewer with
 # patience) + 1: 40 stops in a later fold
 STOPS = {"lecture": [1, 17], "dropout-minibatch-adam-patience-cv": [1, 12, 40],
-         "rrelu-momentum": [9]}
+         "rrelu-momentum": [9], "cuda-dropout": [9]}
 
 
 @pytest.mark.parametrize(("name", "stop_at"), [(n, k) for n, ks in STOPS.items() for k in ks])
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name, stop_at):
+    if CONFIGS[name].get("device") == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: checked on a GPU machine only")
     config = make_config(**CONFIGS[name])
     whole = run_experiment(config)
     out = tmp_path / "run"
