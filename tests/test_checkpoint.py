@@ -78,9 +78,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name, stop_at):
     assert path_for(out).exists()
     resumed = Checkpoint.start(out, config.to_dict(), resume=True)
     assert resumed.current is not None or resumed.fold_states
+    assert resumed.seconds_before > 0  # the summary's seconds count the first session too
     if stop_at == 40:
         assert resumed.fold_states, "the stop was meant for a later fold"
-    _same_run(run_experiment(config, checkpoint=resumed), whole)
+    again = run_experiment(config, checkpoint=resumed)
+    _same_run(again, whole)
+    assert again.summary["seconds"] > resumed.seconds_before
 
 
 def test_a_checkpoint_is_saved_every_so_often(tmp_path, monkeypatch):

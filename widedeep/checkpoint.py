@@ -58,7 +58,8 @@ class Checkpoint:
         self.current: tuple[int, dict] | None = None
         self.pending = False  # a signal waiting for the end of the epoch
         self._training = False
-        self._last = time.monotonic()
+        self._last = self._started = time.monotonic()
+        self.seconds_before = 0.0  # training time of the sessions before this one
 
     @classmethod
     def start(cls, out: str | os.PathLike, config: dict, resume: bool,
@@ -85,6 +86,7 @@ class Checkpoint:
             raise UserError(f"the checkpoint {str(ck.path)!r} was made with other options "
                             f"({', '.join(differ)}); give the same options to resume it")
         ck.fold_states, ck.current = saved["fold_states"], saved["current"]
+        ck.seconds_before = saved["seconds"]
         return ck
 
     def resume_state(self, fold: int) -> dict | None:
@@ -103,7 +105,8 @@ class Checkpoint:
         try:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
             with os.fdopen(fd, "wb") as f:
-                torch.save({"version": VERSION, "config": self.config,
+                seconds = self.seconds_before + time.monotonic() - self._started
+                torch.save({"version": VERSION, "config": self.config, "seconds": seconds,
                             "fold_states": self.fold_states, "current": self.current}, f)
             os.replace(tmp, self.path)
             tmp = None

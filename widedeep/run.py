@@ -113,7 +113,8 @@ def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
                                            "prober": f.prober.state_dict()})
                 checkpoint.save()
         result = assemble(config, ds, folds, fits, device)
-    result.summary["seconds"] = time.perf_counter() - start
+    result.summary["seconds"] = time.perf_counter() - start + (
+        checkpoint.seconds_before if checkpoint is not None else 0.0)  # earlier sessions too
     return result
 
 
