@@ -18,6 +18,7 @@ import seaborn as sns
 from analysis import plots
 from analysis.context import Context
 from analysis.tables import mean_pm_std
+from widedeep.search import paired_with_baseline
 
 DONE_ATTR = "widedeep:report-search-done"
 OPTION_COLUMNS = ["arch", "activation", "depth", "width", "init", "norm", "residual",
@@ -137,9 +138,11 @@ def _figure(ctx: Context, found: dict) -> str:
 
 def _best_text(found: dict) -> str:
     best, deep = found["best"], found["best_deep"]
+    paired = paired_with_baseline(best, found["baselines"])
     text = (f"Best of {found['n_trials']} trials: net #{best['number']}, mean "
             f"{found['split']} log-loss {mean_pm_std(best['test_loss'], best['test_loss_std'])}"
             f", accuracy {mean_pm_std(best['test_accuracy'], best['test_accuracy_std'])}. "
+            f"{paired + ' ' if paired else ''}"
             f"To reproduce it:\n\n```bash\n{best['command']}\n```\n\n")
     if deep is None:
         return text + "No trial deeper than 10 layers finished in this budget.\n"

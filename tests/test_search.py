@@ -86,8 +86,26 @@ def test_cli_prints_leaderboard_with_baselines(searched, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     for words in ("CV log-loss", "baselines (same folds):", "majority", "best config:",
-                  "widedeep train --dataset diabetes", "best net deeper than 10 layers"):
+                  "widedeep train --dataset diabetes", "best net deeper than 10 layers",
+                  "Fold by fold against the best baseline on the same folds"):
         assert words in out
+
+
+def test_the_best_net_is_paired_with_the_best_baseline_fold_by_fold():
+    def baseline(name, losses):
+        return {"name": name, "test_loss": sum(losses) / len(losses),
+                "folds": [{"test_loss": v} for v in losses]}
+
+    net = {"fold_losses": [0.40, 0.50, 0.30]}
+    bases = [baseline("majority", [0.6, 0.6, 0.6]), baseline("logreg", [0.45, 0.45, 0.45])]
+    text = search.paired_with_baseline(net, bases)
+    assert "logreg (0.450)" in text and "lower on 2 of 3 folds" in text
+    assert "by +0.050 on average (per fold -0.050 to +0.150" in text
+    # nothing to pair: one fold, a fold without a score, other folds, no baseline
+    assert search.paired_with_baseline({"fold_losses": []}, bases) == ""
+    assert search.paired_with_baseline({"fold_losses": [0.4, None, 0.3]}, bases) == ""
+    assert search.paired_with_baseline({"fold_losses": [0.4, 0.3]}, bases) == ""
+    assert search.paired_with_baseline(net, []) == ""
 
 
 @pytest.mark.parametrize("argv,words", [

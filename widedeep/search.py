@@ -277,6 +277,7 @@ def _entry(trial, settings: dict) -> dict:
     return {"number": trial.number, "value": trial.value, "options": options,
             "depth": options["depth"], "diverged": s.get("diverged", False),
             **{k: s.get(k) for k in keys}, **{f"{k}_std": s.get(f"{k}_std") for k in keys},
+            "fold_losses": [f["test_loss"] for f in s.get("folds", [])],
             "command": train_command(options, settings)}
 
 
@@ -297,6 +298,26 @@ def search_results(study_name: str, storage: str, *, top: int = 10) -> dict:
             "best_deep": deep[0] if deep else None,
             "baselines": baselines.get("baselines", []),
             "fold_digest": baselines.get("fold_digest")}
+
+
+def paired_with_baseline(net: dict, baselines: list[dict]) -> str:
+    """The net (a ``search_results`` entry) against the best baseline, fold by fold: they
+    share the folds, and a spread over folds says little of a difference every fold shows.
+    Empty where there is nothing to pair (one fold, no baseline, a fold without a score)."""
+    scored = [b for b in baselines if b.get("test_loss") is not None]
+    nets = net.get("fold_losses") or []
+    if not scored or len(nets) < 2:
+        return ""
+    base = min(scored, key=lambda b: b["test_loss"])
+    bases = [f["test_loss"] for f in base.get("folds", [])]
+    if len(bases) != len(nets) or None in bases or None in nets:
+        return ""
+    diffs = [b - n for n, b in zip(nets, bases, strict=True)]  # > 0: the net's loss is lower
+    wins, mean = sum(d > 0 for d in diffs), sum(diffs) / len(diffs)
+    return (f"Fold by fold against the best baseline on the same folds, {base['name']} "
+            f"({base['test_loss']:.3f}): the net's log-loss is lower on {wins} of "
+            f"{len(diffs)} folds, by {mean:+.3f} on average (per fold {min(diffs):+.3f} to "
+            f"{max(diffs):+.3f}; positive: the net is better).")
 
 
 def _quiet() -> None:

@@ -42,6 +42,8 @@ def _row(label: str, e: dict) -> str:
 
 def format_results(r: dict) -> str:
     """The leaderboard, the baselines beside it, the best command, the best deep net."""
+    from widedeep.search import paired_with_baseline
+
     lines = [f"{r['study']}: {r['n_trials']} trials on {r['dataset']}, split {r['split']}, "
              f"seed {r['seed']}",
              f"{'':<26} {'CV log-loss':>17} {'accuracy':>17} {'AUC':>17}"]
@@ -52,7 +54,8 @@ def format_results(r: dict) -> str:
     lines.append("baselines (same folds):")
     lines += [_row(f"  {b['name']}", b) for b in r["baselines"]]
     if r["best"] is not None:
-        lines += ["best config:", "  " + r["best"]["command"]]
+        paired = paired_with_baseline(r["best"], r["baselines"])
+        lines += ["best config:", "  " + r["best"]["command"]] + ([paired] if paired else [])
     deep = r["best_deep"]
     lines.append("best net deeper than 10 layers: " + (
         f"#{deep['number']} (depth {deep['depth']}), CV log-loss "
