@@ -86,6 +86,44 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, name, stop_at):
     assert again.summary["seconds"] > resumed.seconds_before
 
 
+BATCHED = {
+    # patience: models leave the stack at different epochs, so a stop may come after some
+    # have; dropout and mini-batches draw from per-model streams
+    "cv-dropout-minibatch-adam-patience": (dict(
+        dataset="iris", split="cv:5", widths="8,8", activation="relu", dropout=0.2,
+        optimizer="adam", lr=0.05, batch_size=16, epochs=40, patience=3,
+        probe_epochs="2,10"), [1, 6, 12]),
+    "cv-rrelu-momentum": (dict(dataset="wine", split="cv:3", widths="6", activation="rrelu",
+                               momentum=0.9, epochs=15), [5]),
+    "cv-batchnorm-sgd": (dict(dataset="breast_cancer", split="cv:3", widths="16,16",
+                              norm="batch", epochs=12), [4]),
+    "cv-layernorm-residual-compiled": (dict(dataset="diabetes", split="cv:4", widths="8,8,8",
+                                            norm="layer", residual=True, activation="tanh",
+                                            optimizer="adamw", lr=0.01, epochs=12), [7]),
+}
+
+
+@pytest.mark.parametrize(("name", "stop_at"), [(n, k) for n, (_, ks) in BATCHED.items()
+                                               for k in ks])
+def test_a_resumed_batched_run_equals_an_uninterrupted_one(tmp_path, name, stop_at):
+    from widedeep.batched_run import plan, run_group
+
+    config = make_config(**BATCHED[name][0])
+    assert plan([config]) == [None]  # the batched engine trains it
+    (whole,) = run_group([config])
+    out = tmp_path / "run"
+    first = StopAfter(out, config.to_dict(), stop_at=stop_at, engine="batched")
+    with pytest.raises(KeyboardInterrupt, match="--resume"):
+        run_group([config], checkpoint=first)
+    resumed = Checkpoint.start(out, config.to_dict(), resume=True, engine="batched")
+    assert resumed.current is not None
+    if stop_at == 12:  # patience has stopped some folds by then
+        assert len(resumed.current[1]["active"]) < 5
+    (again,) = run_group([config], checkpoint=resumed)
+    _same_run(again, whole)
+    assert again.summary["engine"] == "batched"
+
+
 def test_a_checkpoint_is_saved_every_so_often(tmp_path, monkeypatch):
     config = make_config(preset="lecture", epochs=5)
     monkeypatch.setenv("WIDEDEEP_CHECKPOINT_S", "0")
@@ -105,9 +143,13 @@ def test_resume_refusals_are_one_line_each(tmp_path, capsys, monkeypatch):
     assert "nothing to resume" in capsys.readouterr().err
     assert main(["train", "--preset", "lecture", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
-    assert main(["train", "--dataset", "iris", "--split", "cv:3", "--out",
+    config = make_config(dataset="iris", split="cv:3", epochs=4)  # the batched engine
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, checkpoint=StopAfter(tmp_path / "cv", config.to_dict(),
+                                                    stop_at=2))
+    assert main(["train", "--dataset", "iris", "--split", "cv:3", "--epochs", "4", "--out",
                  str(tmp_path / "cv"), "--resume"]) == 2
-    assert "batched engine" in capsys.readouterr().err
+    assert "made by the plain engine" in capsys.readouterr().err
     path_for(tmp_path / "run").write_bytes(b"not a checkpoint")
     assert main(_train(tmp_path)) == 2  # a checkpoint there: resume it or remove it
     assert "--resume" in capsys.readouterr().err

@@ -49,12 +49,14 @@ def test_out_writes_a_complete_run_folder(capsys, tmp_path):
     ("non-empty", "output folder '{d}' already exists and is not empty"),
 ])
 def test_a_bad_out_is_refused_before_training(capsys, tmp_path, monkeypatch, where, words):
+    import widedeep.batched_run
     import widedeep.run
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained before checking --out")
 
-    monkeypatch.setattr(widedeep.run, "run_many", no_training)
+    monkeypatch.setattr(widedeep.run, "run_experiment", no_training)
+    monkeypatch.setattr(widedeep.batched_run, "run_group", no_training)
     f, d = tmp_path / "file", tmp_path / "full"
     f.write_text("x")
     d.mkdir()
@@ -89,7 +91,7 @@ def test_a_file_system_error_is_one_line_not_a_traceback(capsys, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device", "/data/x")
 
-    monkeypatch.setattr(widedeep.run, "run_many", disk_full)
+    monkeypatch.setattr(widedeep.run, "run_experiment", disk_full)
     code, _, err = run_cli(capsys, "train", "--dataset", "iris")
     assert (code, err) == (1, "error: '/data/x' No space left on device\n")
 
@@ -114,7 +116,7 @@ def test_out_of_memory_names_what_did_not_fit(capsys, monkeypatch, error, words)
     def too_big(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(widedeep.run, "run_many", too_big)
+    monkeypatch.setattr(widedeep.run, "run_experiment", too_big)
     code, _, err = run_cli(capsys, "train", "--dataset", "iris")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and words in lines[0]
@@ -126,7 +128,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory(monkeypatch):
     def bug(*args, **kwargs):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(widedeep.run, "run_many", bug)
+    monkeypatch.setattr(widedeep.run, "run_experiment", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["train", "--dataset", "iris"])
 

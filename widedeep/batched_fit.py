@@ -13,9 +13,11 @@ the histories are cut at each model's stop epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +30,9 @@ from widedeep.fused import FusedStep
 from widedeep.model import linear_layers
 from widedeep.probes import mean_std
 from widedeep.train import FitResult, Split, check_batches
+
+if TYPE_CHECKING:
+    from widedeep.checkpoint import Checkpoint
 
 SYNC_EVERY = 16  # epochs between checks whether every model has stopped (off the CPU)
 RETIRE = True  # on the CPU, stopped models leave the stack (False: they ride along)
@@ -171,6 +176,33 @@ class Trainer:
         if self.generators is not None:
             self.generators = [self.generators[i] for i in keep]
 
+    def state_dict(self) -> dict:
+        """What changes as the models train: parameters, optimiser state, random streams,
+        batch norm's running statistics (a checkpoint's part; see widedeep.checkpoint)."""
+        opt = self.opt
+        return {"flat": self.flat, "buf": opt.buf, "sq": opt.sq, "t": opt.t,
+                "steps": opt.steps,
+                "orders": {seed: g.get_state() for seed, g in self.orders.items()},
+                "generators": None if self.generators is None else [
+                    g.get_state() for g in self.generators],
+                "norms": None if self.norms is None else self.norms.state}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Back to ``state_dict()``'s state, for the same models (after ``select``)."""
+        opt = self.opt
+        for mine, saved in ((self.flat, state["flat"]), (opt.buf, state["buf"]),
+                            (opt.sq, state["sq"]), (opt.t, state["t"])):
+            if mine is not None:
+                mine.copy_(saved)  # in place: the compiled optimiser step holds them
+        opt.steps = state["steps"]
+        for seed, g in self.orders.items():
+            g.set_state(state["orders"][seed])
+        for g, saved in zip(self.generators or [], state["generators"] or [], strict=True):
+            g.set_state(saved)
+        if self.norms is not None:
+            self.norms.state = state["norms"].to(self.flat.device)
+
     def forks(self, training: list[bool], states: list[torch.Tensor] | None = None,
               ) -> list[torch.Generator | None] | None:
         """The models' random streams (rrelu's slopes, dropout's masks) for a probe, which
@@ -241,11 +273,12 @@ class Book:
         self.diverged |= diverging
         self.stopped |= stopping
 
+    FIELDS = ("stopped", "diverged", "stop_epoch", "final", "best", "best_val", "best_epoch")
+
     def select(self, keep: list[int]) -> None:
         """Keep the state of the models at rows ``keep`` only."""
         idx = torch.tensor(keep, device=self.stopped.device)
-        for name in ("stopped", "diverged", "stop_epoch", "final", "best", "best_val",
-                     "best_epoch"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name)[idx])
 
     def final_weights(self, flat: torch.Tensor) -> torch.Tensor:
@@ -258,8 +291,8 @@ class Book:
 
 def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[TrainConfig],
                 *, vals: list[Split] | None = None, cuda_graphs: bool = True,
-                rngs: list[torch.Tensor] | None = None,
-                ) -> tuple[list[FitResult], list[ProbeRecords]]:
+                rngs: list[torch.Tensor] | None = None, checkpoint: Checkpoint | None = None,
+                stack: int = 0) -> tuple[list[FitResult], list[ProbeRecords]]:
     """Train ``models`` (one group, see ``batched.group_key``) together, in place.
 
     Model k sees ``trains[k]`` (all with the same number of rows) and ``configs[k]``; returns
@@ -267,52 +300,81 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
     CUDA, full-batch steps replay a captured CUDA graph unless ``cuda_graphs`` is False.
     ``rngs[k]`` is the CPU random state the plain loop would start training model k from
     (rrelu's slopes and dropout's masks come from it; default: the current state, for
-    every model).
+    every model). With ``checkpoint``, stack ``stack`` resumes from its saved state, if
+    any, and is saved at epoch ends (see widedeep.checkpoint).
     """
     K = len(models)
     for config, train in zip(configs, trains, strict=True):
         check_batches(config, train.X.shape[0])
     trainer = Trainer(models, configs, rngs)
     data = stack_data(trains)
-    if cuda_graphs and batched_cuda.can_capture(trainer, data):
-        trainer.graph = batched_cuda.capture_step(trainer, data)
     val = stack_data(vals) if vals is not None else None
     book = Book(trainer.state(), configs[0].patience)
     everyone, generators = data, trainer.generators  # for the final probe
-    # The plain loop probes in training mode, but in evaluation mode after a validation pass.
-    probes = {0: _by_model(probe_all(trainer, trainer.flat, data, [True] * K), range(K))}
+    saved = checkpoint.resume_state(stack) if checkpoint is not None else None
+    if saved is None:
+        first = 1
+        active = list(range(K))  # model of each row of the stack
+        history, val_history = [], []  # per epoch: ((rows,) losses on the device, active)
+        done: dict[int, Retired] = {}
+        # The plain loop probes in training mode, but in evaluation mode after a validation
+        # pass.
+        probes = {0: _by_model(probe_all(trainer, trainer.flat, data, [True] * K), range(K))}
+    else:
+        first = saved["epoch"] + 1
+        active, history, val_history, probes = (saved[k] for k in (
+            "active", "history", "val_history", "probes"))
+        device = trainer.flat.device
+        done = {k: dataclasses.replace(r, weights=r.weights.to(device))
+                for k, r in saved["done"].items()}
+        if len(active) < K:
+            book.select(active), trainer.select(active)
+            data, val = _select(data, active), _select(val, active)
+        trainer.load_state_dict(saved["trainer"])
+        for name, value in saved["book"].items():
+            setattr(book, name, value.to(device))
+    if cuda_graphs and batched_cuda.can_capture(trainer, data):
+        trainer.graph = batched_cuda.capture_step(trainer, data)
     wanted = set(configs[0].probe_epochs)
     # NOTE: on the CPU, where checking costs no device sync, models leave the stack at the
     # epoch they stop (patience or divergence): the others go on without carrying them.
     # Elsewhere they ride along to the end or until all have stopped (checked every
     # SYNC_EVERY epochs), frozen in the book.
     retire = RETIRE and trainer.graph is None and trainer.flat.device.type == "cpu"
-    active = list(range(K))  # model of each row of the stack
-    history, val_history = [], []  # per epoch: ((rows,) losses on the device, active)
-    done: dict[int, Retired] = {}
-    for epoch in range(1, configs[0].epochs + 1):
-        loss = trainer.epoch(data)
-        history.append((loss, active))
-        if val is not None:
-            with torch.no_grad():
-                val_history.append((trainer.losses(trainer.flat, val), active))
-        book.update(epoch, loss, val_history[-1][0] if val is not None else None,
-                    trainer.state())
-        if epoch in wanted:
-            probes[epoch] = _by_model(probe_all(trainer, trainer.flat, data,
-                                                [val is None] * len(active)), active)
-        if retire:
-            stopped = book.stopped.tolist()
-            if any(stopped):
-                done |= _retire(book, trainer, active, [i for i, s in enumerate(stopped) if s])
-                keep = [i for i, s in enumerate(stopped) if not s]
-                if not keep:
-                    break
-                book.select(keep), trainer.select(keep)
-                data, val = _select(data, keep), _select(val, keep)
-                active = [active[i] for i in keep]
-        elif epoch % SYNC_EVERY == 0 and bool(book.stopped.all()):
-            break
+    with checkpoint.training() if checkpoint is not None else nullcontext():
+        for epoch in range(first, configs[0].epochs + 1):
+            loss = trainer.epoch(data)
+            history.append((loss, active))
+            if val is not None:
+                with torch.no_grad():
+                    val_history.append((trainer.losses(trainer.flat, val), active))
+            book.update(epoch, loss, val_history[-1][0] if val is not None else None,
+                        trainer.state())
+            if epoch in wanted:
+                probes[epoch] = _by_model(probe_all(trainer, trainer.flat, data,
+                                                    [val is None] * len(active)), active)
+            if retire:
+                stopped = book.stopped.tolist()
+                if any(stopped):
+                    done |= _retire(book, trainer, active,
+                                    [i for i, s in enumerate(stopped) if s])
+                    keep = [i for i, s in enumerate(stopped) if not s]
+                    if not keep:
+                        break
+                    book.select(keep), trainer.select(keep)
+                    data, val = _select(data, keep), _select(val, keep)
+                    active = [active[i] for i in keep]
+            elif epoch % SYNC_EVERY == 0 and bool(book.stopped.all()):
+                break
+            if checkpoint is not None and checkpoint.due():
+                checkpoint.save(stack, {
+                    "epoch": epoch, "active": active, "history": history,
+                    "val_history": val_history, "probes": probes, "done": done,
+                    "trainer": trainer.state_dict(),
+                    "book": {name: getattr(book, name) for name in Book.FIELDS}})
+                if checkpoint.pending:
+                    raise KeyboardInterrupt(checkpoint.stopped_message(epoch,
+                                                                       configs[0].epochs))
     done |= _retire(book, trainer, active, [i for i, k in enumerate(active) if k not in done])
     final = torch.stack([done[k].weights for k in range(K)])
     final, buffers = final[:, :trainer.flat.shape[1]], final[:, trainer.flat.shape[1]:]

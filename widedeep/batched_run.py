@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from widedeep.batched_fit import fit_batched
 from widedeep.config import TrainConfig
 from widedeep.errors import UserError
 from widedeep.train import Split
+
+if TYPE_CHECKING:
+    from widedeep.checkpoint import Checkpoint
 
 # Activation bytes of one stack: bounds its memory. NOTE: not a cache size — deep width-64
 # nets are compute-bound, and two of them per stack train 17 % faster than one each (dev VM).
@@ -85,8 +89,11 @@ def run_many(configs: list[TrainConfig], *, progress: bool = False) -> list[run.
     return results
 
 
-def run_group(configs: list[TrainConfig]) -> list[run.RunResult]:
-    """Train configs of one group (equal ``batched.group_key``) together; results in order."""
+def run_group(configs: list[TrainConfig], *,
+              checkpoint: Checkpoint | None = None) -> list[run.RunResult]:
+    """Train configs of one group (equal ``batched.group_key``) together; results in order.
+    With ``checkpoint``, stacks it holds as finished are not trained again, and the one in
+    training resumes where it was saved."""
     start = time.perf_counter()
     config0 = configs[0]
     device = run.resolve_device(config0.device)
@@ -96,18 +103,30 @@ def run_group(configs: list[TrainConfig]) -> list[run.RunResult]:
     tasks = [_task(c, ds, fold, k, device) for c in configs
              for k, fold in enumerate(folds[id(c)])]
     fitted = {}
-    for stack in _stacks(tasks):
-        vals = [t.val for t in stack] if config0.patience else None
-        with run.num_threads(run.resolve_threads(config0, ds, models=len(stack))):
-            results, probes = fit_batched([t.model for t in stack], [t.train for t in stack],
-                                          [t.config for t in stack], vals=vals,
-                                          rngs=[t.rng for t in stack])
+    for i, stack in enumerate(_stacks(tasks)):
+        finished = checkpoint.fold_states.get(i) if checkpoint is not None else None
+        if finished is not None:
+            results, probes = finished["results"], finished["probes"]
+            for t, weights in zip(stack, finished["weights"], strict=True):
+                t.model.load_state_dict(weights)
+        else:
+            vals = [t.val for t in stack] if config0.patience else None
+            with run.num_threads(run.resolve_threads(config0, ds, models=len(stack))):
+                results, probes = fit_batched(
+                    [t.model for t in stack], [t.train for t in stack],
+                    [t.config for t in stack], vals=vals, rngs=[t.rng for t in stack],
+                    checkpoint=checkpoint, stack=i)
+            if checkpoint is not None:
+                checkpoint.finish_fold(i, {"results": results, "probes": probes, "weights": [
+                    t.model.state_dict() for t in stack]})
+                checkpoint.save()
         fitted.update({id(t): (t, r, p) for t, r, p in zip(stack, results, probes, strict=True)})
     by_config = defaultdict(list)
     for t in tasks:
         by_config[id(t.config)].append(fitted[id(t)])
     # NOTE: models of a group train together; each run is charged an equal share of the time.
-    seconds = (time.perf_counter() - start) / len(configs)
+    seconds = (time.perf_counter() - start + (
+        checkpoint.seconds_before if checkpoint is not None else 0.0)) / len(configs)
     with run.num_threads(run.resolve_threads(config0, ds)):  # the summary records threads
         return [_result(c, ds, folds[id(c)], by_config[id(c)], device, seconds)
                 for c in configs]

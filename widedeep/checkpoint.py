@@ -1,14 +1,14 @@
 """Checkpoints of ``widedeep train --out DIR``: an interrupted run resumes where it stopped.
 
-While the plain loop trains, the run's state (finished folds, and the current fold's
-weights, optimiser, random streams, losses and probes after its last whole epoch) is saved
-beside the run folder, in ``DIR.checkpoint.pt``, every ``$WIDEDEEP_CHECKPOINT_S`` seconds
-(default 60) and when the run is interrupted: Ctrl-C or SIGTERM during training is held
-until the epoch ends, the state is saved, and the command stops (a second signal stops it
-at once). ``--resume`` with the
-same options continues from there, with the same losses and weights as an uninterrupted
-run. The run folder itself is still written only when the run is complete, and the
-checkpoint is then removed.
+While it trains, the run's state is saved beside the run folder, in ``DIR.checkpoint.pt``:
+on the plain loop, the finished folds and the current fold's weights, optimiser, random
+streams, losses and probes after its last whole epoch; on the batched engine, the same of
+its stacks of models. It is saved every ``$WIDEDEEP_CHECKPOINT_S`` seconds (default 60) and
+when the run is interrupted: Ctrl-C or SIGTERM during training is held until the epoch
+ends, the state is saved, and the command stops (a second signal stops it at once).
+``--resume`` with the same options continues from there, to the same losses and weights as
+an uninterrupted run. The run folder itself is still written only when the run is
+complete, and the checkpoint is then removed.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ def path_for(out: str | os.PathLike) -> Path:
 
 
 class Checkpoint:
-    """The saved state of one run; ``fold_states`` are finished folds, ``current`` the
-    state of the fold in training (None before its first save)."""
+    """The saved state of one run; ``fold_states`` are finished folds (on the batched
+    engine: stacks), ``current`` the state of the one in training (None before its first
+    save)."""
 
-    def __init__(self, out: str | os.PathLike, config: dict, every: float | None = None):
-        self.path, self.config = path_for(out), config
+    def __init__(self, out: str | os.PathLike, config: dict, every: float | None = None,
+                 engine: str = "plain"):
+        self.path, self.config, self.engine = path_for(out), config, engine
         self.every = every_s() if every is None else every
         self.fold_states: dict[int, dict] = {}
         self.current: tuple[int, dict] | None = None
@@ -63,10 +65,10 @@ class Checkpoint:
 
     @classmethod
     def start(cls, out: str | os.PathLike, config: dict, resume: bool,
-              every: float | None = None) -> Checkpoint:
+              every: float | None = None, engine: str = "plain") -> Checkpoint:
         """A fresh checkpoint, or with ``resume`` the saved one (which must exist and have
-        been made with the same config)."""
-        ck = cls(out, config, every)
+        been made with the same config, by the same engine)."""
+        ck = cls(out, config, every, engine)
         if not resume:
             if ck.path.exists():
                 raise UserError(f"{str(ck.path)!r} holds an interrupted run: add --resume to "
@@ -85,6 +87,10 @@ class Checkpoint:
         if differ:
             raise UserError(f"the checkpoint {str(ck.path)!r} was made with other options "
                             f"({', '.join(differ)}); give the same options to resume it")
+        if saved["engine"] != engine:  # e.g. a CUDA device that came or went (--device auto)
+            raise UserError(f"the checkpoint {str(ck.path)!r} was made by the {saved['engine']} "
+                            f"engine, and this run would train on the {engine} one; give "
+                            f"--engine {saved['engine']} to resume it")
         ck.fold_states, ck.current = saved["fold_states"], saved["current"]
         ck.seconds_before = saved["seconds"]
         return ck
@@ -106,8 +112,9 @@ class Checkpoint:
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
             with os.fdopen(fd, "wb") as f:
                 seconds = self.seconds_before + time.monotonic() - self._started
-                torch.save({"version": VERSION, "config": self.config, "seconds": seconds,
-                            "fold_states": self.fold_states, "current": self.current}, f)
+                torch.save({"version": VERSION, "config": self.config, "engine": self.engine,
+                            "seconds": seconds, "fold_states": self.fold_states,
+                            "current": self.current}, f)
             os.replace(tmp, self.path)
             tmp = None
         finally:
@@ -115,6 +122,11 @@ class Checkpoint:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         self._last = time.monotonic()
+
+    def stopped_message(self, epoch: int, epochs: int) -> str:
+        """What the command says when a held signal stopped it after saving ``epoch``."""
+        return (f"epoch {epoch} of {epochs} saved in {self.path}; run the same command with "
+                "--resume to continue")
 
     def finish_fold(self, fold: int, state: dict) -> None:
         """Record a finished fold (written with the next save)."""

@@ -92,12 +92,12 @@ def options_from_args(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from widedeep.batched_run import plan
+    from widedeep.batched_run import plan, run_group
     from widedeep.checkpoint import Checkpoint
     from widedeep.config import make_config
     from widedeep.env import environment
     from widedeep.records import check_run_folder, write_run_folder
-    from widedeep.run import resolve_device, run_experiment, run_many
+    from widedeep.run import resolve_device, run_experiment
 
     config = make_config(**options_from_args(args))
     if args.resume and not args.out:
@@ -108,15 +108,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --engine: batched where forced or where folds train together, else the plain loop
     reason = plan([config])[0]
     checkpoint = None
-    if args.out and reason is not None:  # the plain loop keeps a checkpoint beside --out
-        checkpoint = Checkpoint.start(args.out, config.to_dict(), resume=args.resume)
+    if args.out:  # a checkpoint beside --out, of the engine that trains the run
+        checkpoint = Checkpoint.start(args.out, config.to_dict(), resume=args.resume,
+                                      engine="plain" if reason else "batched")
+    if reason is None:
+        (result,) = run_group([config], checkpoint=checkpoint)
+    else:
         result = run_experiment(config, progress=progress, checkpoint=checkpoint)
         result.summary.update(engine="plain", engine_reason=reason)
-    elif args.resume:
-        raise UserError("--resume: this run trains on the batched engine, which keeps no "
-                        "checkpoint (only plain-loop runs do; see --engine)")
-    else:
-        result = run_many([config], progress=progress)[0]
     if args.out:
         write_run_folder(args.out, config=config.to_dict(), summary=result.summary,
                          history=result.history, probes=result.probes,
@@ -191,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--out", help="write a run folder (config, report, history, probes); "
-                   "training on the plain loop is checkpointed beside it, in OUT.checkpoint.pt")
+                   "training is checkpointed beside it, in OUT.checkpoint.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run of --out from its checkpoint (give the "
                         "same options)")

@@ -153,9 +153,7 @@ def fit(model: nn.Module, train: Split, config: TrainConfig, n_classes: int, *,
                     "callbacks": [cb.state_dict() for cb in callbacks]})
                 if checkpoint.pending:
                     bar.close()
-                    raise KeyboardInterrupt(f"epoch {epoch} of {config.epochs} saved in "
-                                            f"{checkpoint.path}; run the same command with "
-                                            "--resume to continue")
+                    raise KeyboardInterrupt(checkpoint.stopped_message(epoch, config.epochs))
     bar.close()
     if best_state is not None and config.patience:
         model.load_state_dict(best_state)
