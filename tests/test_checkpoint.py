@@ -100,6 +100,9 @@ BATCHED = {
     "cv-layernorm-residual-compiled": (dict(dataset="diabetes", split="cv:4", widths="8,8,8",
                                             norm="layer", residual=True, activation="tanh",
                                             optimizer="adamw", lr=0.01, epochs=12), [7]),
+    # full batch on CUDA: the step replays a CUDA graph, captured after the restore
+    "cuda-graph-cv": (dict(dataset="breast_cancer", split="cv:3", widths="16,16",
+                           optimizer="adam", lr=0.01, epochs=12, device="cuda"), [5]),
 }
 
 
@@ -108,6 +111,8 @@ BATCHED = {
 def test_a_resumed_batched_run_equals_an_uninterrupted_one(tmp_path, name, stop_at):
     from widedeep.batched_run import plan, run_group
 
+    if BATCHED[name][0].get("device") == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: checked on a GPU machine only")
     config = make_config(**BATCHED[name][0])
     assert plan([config]) == [None]  # the batched engine trains it
     (whole,) = run_group([config])
