@@ -17,7 +17,6 @@ import contextlib
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from widedeep.errors import UserError
+from widedeep.records import atomic_file
 
 VERSION = 1
 
@@ -59,7 +59,6 @@ class Checkpoint:
         self.fold_states: dict[int, dict] = {}
         self.current: tuple[int, dict] | None = None
         self.pending = False  # a signal waiting for the end of the epoch
-        self._training = False
         self._last = self._started = time.monotonic()
         self.seconds_before = 0.0  # training time of the sessions before this one
 
@@ -107,20 +106,11 @@ class Checkpoint:
     def save(self, fold: int | None = None, state: dict | None = None) -> None:
         """Write the finished folds and (``fold``, ``state``), atomically."""
         self.current = (fold, state) if fold is not None else None
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-            with os.fdopen(fd, "wb") as f:
-                seconds = self.seconds_before + time.monotonic() - self._started
-                torch.save({"version": VERSION, "config": self.config, "engine": self.engine,
-                            "seconds": seconds, "fold_states": self.fold_states,
-                            "current": self.current}, f)
-            os.replace(tmp, self.path)
-            tmp = None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        seconds = self.seconds_before + time.monotonic() - self._started
+        with atomic_file(self.path, binary=True) as f:
+            torch.save({"version": VERSION, "config": self.config, "engine": self.engine,
+                        "seconds": seconds, "fold_states": self.fold_states,
+                        "current": self.current}, f)
         self._last = time.monotonic()
 
     def stopped_message(self, epoch: int, epochs: int) -> str:
@@ -146,17 +136,14 @@ class Checkpoint:
             return
 
         def hold(signum, frame):
-            if self._training and not self.pending:
-                self.pending = True
-                return
-            raise KeyboardInterrupt
+            if self.pending:
+                raise KeyboardInterrupt
+            self.pending = True
 
         before = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
-        self._training = True
         try:
             yield
         finally:
-            self._training = False
             for s, handler in before.items():
                 signal.signal(s, handler)
         if self.pending:  # a signal held past the last epoch: stop now

@@ -20,14 +20,14 @@ COMPLETE = "COMPLETE"
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, newline: str | None = None):
-    """A text file to write ``path`` through: written beside it, flushed to disk and renamed
-    into place on leaving the block; removed instead if the block raises, so that an
-    interrupted write leaves no partial file."""
+def atomic_file(path: str | os.PathLike, newline: str | None = None, binary: bool = False):
+    """A text (or ``binary``) file to write ``path`` through: written beside it, flushed to
+    disk and renamed into place on leaving the block; removed instead if the block raises,
+    so that an interrupted write leaves no partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline=newline) as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
