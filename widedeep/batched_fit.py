@@ -367,14 +367,11 @@ def fit_batched(models: list[nn.Module], trains: list[Split], configs: list[Trai
             elif epoch % SYNC_EVERY == 0 and bool(book.stopped.all()):
                 break
             if checkpoint is not None and checkpoint.due():
-                checkpoint.save(stack, {
+                checkpoint.save_epoch(stack, epoch, configs[0].epochs, {
                     "epoch": epoch, "active": active, "history": history,
                     "val_history": val_history, "probes": probes, "done": done,
                     "trainer": trainer.state_dict(),
                     "book": {name: getattr(book, name) for name in Book.FIELDS}})
-                if checkpoint.pending:
-                    raise KeyboardInterrupt(checkpoint.stopped_message(epoch,
-                                                                       configs[0].epochs))
     done |= _retire(book, trainer, active, [i for i, k in enumerate(active) if k not in done])
     final = torch.stack([done[k].weights for k in range(K)])
     final, buffers = final[:, :trainer.flat.shape[1]], final[:, trainer.flat.shape[1]:]

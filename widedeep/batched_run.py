@@ -117,9 +117,8 @@ def run_group(configs: list[TrainConfig], *,
                     [t.config for t in stack], vals=vals, rngs=[t.rng for t in stack],
                     checkpoint=checkpoint, stack=i)
             if checkpoint is not None:
-                checkpoint.finish_fold(i, {"results": results, "probes": probes, "weights": [
+                checkpoint.finish(i, {"results": results, "probes": probes, "weights": [
                     t.model.state_dict() for t in stack]})
-                checkpoint.save()
         fitted.update({id(t): (t, r, p) for t, r, p in zip(stack, results, probes, strict=True)})
     by_config = defaultdict(list)
     for t in tasks:

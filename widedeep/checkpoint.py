@@ -100,9 +100,6 @@ class Checkpoint:
             return self.current[1]
         return None
 
-    def due(self) -> bool:
-        return self.pending or time.monotonic() - self._last >= self.every
-
     def save(self, fold: int | None = None, state: dict | None = None) -> None:
         """Write the finished folds and (``fold``, ``state``), atomically."""
         self.current = (fold, state) if fold is not None else None
@@ -113,15 +110,22 @@ class Checkpoint:
                         "current": self.current}, f)
         self._last = time.monotonic()
 
-    def stopped_message(self, epoch: int, epochs: int) -> str:
-        """What the command says when a held signal stopped it after saving ``epoch``."""
-        return (f"epoch {epoch} of {epochs} saved in {self.path}; run the same command with "
-                "--resume to continue")
+    def due(self) -> bool:
+        """Whether to save at this epoch's end: every ``every`` seconds, or a signal held."""
+        return self.pending or time.monotonic() - self._last >= self.every
 
-    def finish_fold(self, fold: int, state: dict) -> None:
-        """Record a finished fold (written with the next save)."""
+    def save_epoch(self, fold: int, epoch: int, epochs: int, state: dict) -> None:
+        """Save ``fold``'s ``state`` after epoch ``epoch``, then stop where a signal is
+        held."""
+        self.save(fold, state)
+        if self.pending:
+            raise KeyboardInterrupt(f"epoch {epoch} of {epochs} saved in {self.path}; run the "
+                                    "same command with --resume to continue")
+
+    def finish(self, fold: int, state: dict) -> None:
+        """Record and save a finished fold (on the batched engine: stack)."""
         self.fold_states[fold] = state
-        self.current = None
+        self.save()
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

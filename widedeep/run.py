@@ -109,9 +109,8 @@ def run_experiment(config: TrainConfig, *, dataset: Dataset | None = None,
             fits.append(_fit_fold(config, ds, fold, device, progress, checkpoint, k))
             if checkpoint is not None:
                 f = fits[-1]
-                checkpoint.finish_fold(k, {"model": f.model.state_dict(), "fit": f.fit,
-                                           "prober": f.prober.state_dict()})
-                checkpoint.save()
+                checkpoint.finish(k, {"model": f.model.state_dict(), "fit": f.fit,
+                                      "prober": f.prober.state_dict()})
         result = assemble(config, ds, folds, fits, device)
     result.summary["seconds"] = time.perf_counter() - start + (
         checkpoint.seconds_before if checkpoint is not None else 0.0)  # earlier sessions too

@@ -124,7 +124,7 @@ def fit(model: nn.Module, train: Split, config: TrainConfig, n_classes: int, *,
     bar = tqdm(range(first, config.epochs + 1), initial=first - 1, total=config.epochs,
                disable=not progress, file=sys.stderr, delay=1.0, leave=False, unit="epoch",
                desc="train")
-    with checkpoint.training() if checkpoint is not None else contextlib.nullcontext():
+    with checkpoint.training() if checkpoint is not None else contextlib.nullcontext(), bar:
         for epoch in bar:
             model.train()
             loss = _epoch(model, train, config.batch_size, criterion, optimizer, order)
@@ -145,16 +145,12 @@ def fit(model: nn.Module, train: Split, config: TrainConfig, n_classes: int, *,
                     and epoch - result.best_epoch >= config.patience):
                 break
             if checkpoint is not None and checkpoint.due():
-                checkpoint.save(fold, {
+                checkpoint.save_epoch(fold, epoch, config.epochs, {
                     "epoch": epoch, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "order": order.get_state(),
                     "rng": _rng_state(train.X.device), "result": result,
                     "best_state": best_state, "best_val": best_val,
                     "callbacks": [cb.state_dict() for cb in callbacks]})
-                if checkpoint.pending:
-                    bar.close()
-                    raise KeyboardInterrupt(checkpoint.stopped_message(epoch, config.epochs))
-    bar.close()
     if best_state is not None and config.patience:
         model.load_state_dict(best_state)
     for cb in callbacks:
