@@ -170,6 +170,75 @@ def test_fused_dropout_draws_the_masks_autograd_draws(draw, activation, residual
 
 
 @needs_kernel
+@pytest.mark.parametrize("options", [
+    dict(), dict(residual=True), dict(norm="layer"), dict(arch="widedeep", cross=True),
+], ids=["plain", "residual", "layer-norm", "widedeep"])
+@pytest.mark.parametrize("n", [1, 32, 77])
+def test_fused_rrelu_draws_the_slopes_autograd_draws(options, n):
+    """rrelu: each model's slopes drawn in the compiled step from its own stream, layer by
+    layer as torch's rrelu draws them (the middle model is evaluated: the mean slope); the
+    same losses and gradients as autograd's step, and each stream left where it leaves it."""
+    trainer = _trainer(3, 3, activation="rrelu", widths=(7, 7, 16), **options)
+    assert isinstance(trainer.manual, fused.FusedStep)
+    X, y = _data(3, n, 3, shared=False)
+
+    def streams():
+        return [torch.Generator().manual_seed(10), None, torch.Generator().manual_seed(12)]
+
+    ours, theirs = streams(), streams()
+    for _ in range(2):  # the second step draws on from where the first left the streams
+        with trainer.act.drawing(ours):
+            loss, grad = trainer.manual(trainer.flat, X, y)
+        with trainer.act.drawing(theirs):
+            want_loss, want_grad = trainer.autograd(Data(X, y))
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+        for g, h in zip(ours, theirs, strict=True):
+            assert g is None or torch.equal(g.get_state(), h.get_state())
+    assert not torch.equal(ours[0].get_state(), streams()[0].get_state())  # it drew
+    with trainer.act.drawing(None):  # no streams: every model evaluated
+        evaluated, _ = trainer.manual(trainer.flat, X, y)
+    assert (evaluated != loss).tolist() == [True, False, True]
+
+
+@needs_kernel
+@pytest.mark.parametrize("used", [0, 1, 623, 5000], ids=lambda u: f"used{u}")
+@pytest.mark.parametrize("shape", [(1, 1), (37, 41), (300, 7)])
+def test_compiled_rrelu_slopes_are_torchs(shape, used):
+    """The compiled draw against torch's rrelu_with_noise: the same slopes (1 above zero and
+    at NaN), and the generator left where torch leaves it, from a fresh generator and one a
+    draw or a whole mt19937 block into its stream, twice in a row."""
+    lib = fused.library()
+    module = nn.RReLU()
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    z.view(-1)[:3] = torch.tensor([0.0, float("nan"), -0.0])[:z.numel()]
+    ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for g in (ours, theirs):
+        torch.empty(used).uniform_(generator=g)
+    for _ in range(2):
+        want = torch.empty_like(z)
+        torch._C._nn.rrelu_with_noise(z, want, module.lower, module.upper, True, theirs)
+        got = fused.rrelu_slopes(lib, z, module.lower, module.upper, ours)
+        assert torch.equal(got, want)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    below = z <= 0
+    if below.sum() > 1:
+        assert got[below].unique().numel() > 1  # drawn, not one slope
+    assert torch.equal(got[~below], torch.ones_like(got[~below]))
+
+
+def test_where_the_rrelu_draw_is_not_torchs_the_torch_step_runs(monkeypatch):
+    """A torch whose rrelu draws the compiled step does not know keeps the torch-ops step."""
+    if fused.library() is None:
+        pytest.skip(f"no compiled step here ({fused.status()})")
+    monkeypatch.setitem(fused._slopes_checked, id(fused.library()), False)
+    trainer = _trainer(2, 2, activation="rrelu")
+    assert not isinstance(trainer.manual, fused.FusedStep)
+    monkeypatch.setitem(fused._slopes_checked, id(fused.library()), True)
+    assert isinstance(_trainer(2, 2, activation="rrelu").manual, fused.FusedStep)
+
+
+@needs_kernel
 @pytest.mark.parametrize("alpha", [False, True], ids=["dropout", "alpha-dropout"])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
 @pytest.mark.parametrize("used", [0, 1, 623, 5000], ids=lambda u: f"used{u}")
@@ -308,8 +377,8 @@ def test_a_nan_weight_spoils_its_own_model_as_in_torch(activation):
 
 
 @pytest.mark.parametrize("options", [
-    dict(activation="rrelu"), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
-], ids=["rrelu", "too-wide"])
+    dict(activation="rrelu", dropout=0.2), dict(activation="relu", widths=(fused.MAX_WIDTH + 1,)),
+], ids=["rrelu-dropout", "too-wide"])
 def test_where_the_fused_step_does_not_apply_the_torch_step_runs(options):
     trainer = _trainer(2, 2, **options)
     assert fused.FusedStep.create(trainer.layout, trainer.flat.device, 2, trainer.act) is None

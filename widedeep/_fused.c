@@ -959,6 +959,160 @@ static void add_shortcut(vf *y, const vf *x, long count) {
     for (long i = 0; i < count; i++) y[i] = x[i] + y[i];
 }
 
+/* torch's CPU generator, for the random draws the step and widedeep_dropout_masks make as
+ * torch would: torch.Generator.get_state()'s bytes (STATE_BYTES) hold an mt19937 whose 624
+ * words are stored as uint64s from byte 24, with its count of draws left at byte 8 (int)
+ * and its next index at byte 16 (uint64); widedeep.fused checks this layout, and the draws,
+ * against torch before it uses them. */
+#define MT_N 624
+#define MT_M 397
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+    uint32_t y = (u & 0x80000000u) | (v & 0x7fffffffu);
+    return (y >> 1) ^ ((0u - (v & 1u)) & 0x9908b0dfu); /* no table: the loops vectorise */
+}
+
+static void mt_refill(uint32_t *s) { /* the generation step of mt19937, as torch's */
+    for (int i = 0; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ mt_twist(s[i], s[i + 1]);
+    for (int i = MT_N - MT_M; i < MT_N - 1; i++)
+        s[i] = s[i + MT_M - MT_N] ^ mt_twist(s[i], s[i + 1]);
+    s[MT_N - 1] = s[MT_M - 1] ^ mt_twist(s[MT_N - 1], s[0]);
+}
+
+/* mt19937's output from a word of its state (tempering) */
+static inline uint32_t mt_temper(uint32_t y) {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+}
+
+/* The generator of one model: its state s, and t, every word of s tempered (one vectorised
+ * pass per refill, instead of one word at a time); left and next as torch counts them. */
+struct mt {
+    uint32_t s[MT_N], t[MT_N];
+    int left, next;
+};
+
+static void mt_retemper(struct mt *g) {
+    for (int i = 0; i < MT_N; i++) g->t[i] = mt_temper(g->s[i]);
+}
+
+static inline uint32_t mt_draw(struct mt *g) { /* as torch's mt19937::operator() */
+    if (--g->left == 0) {
+        mt_refill(g->s);
+        mt_retemper(g);
+        g->left = MT_N;
+        g->next = 0;
+    }
+    return g->t[g->next++];
+}
+
+#define STATE_BYTES 5056 /* torch's CPUGeneratorImplStateLegacy */
+#define STATE_LEFT 8
+#define STATE_NEXT 16
+#define STATE_WORDS 24
+
+static void mt_load(struct mt *g, const uint8_t *st) { /* from torch's state bytes */
+    int32_t left;
+    uint64_t next, word;
+    memcpy(&left, st + STATE_LEFT, sizeof left);
+    memcpy(&next, st + STATE_NEXT, sizeof next);
+    for (int i = 0; i < MT_N; i++) {
+        memcpy(&word, st + STATE_WORDS + 8L * i, sizeof word);
+        g->s[i] = (uint32_t)word;
+    }
+    mt_retemper(g);
+    g->left = left, g->next = (int)next;
+}
+
+static void mt_save(const struct mt *g, uint8_t *st) { /* back into torch's state bytes */
+    int32_t left = g->left;
+    uint64_t next = (uint64_t)g->next, word;
+    memcpy(st + STATE_LEFT, &left, sizeof left);
+    memcpy(st + STATE_NEXT, &next, sizeof next);
+    for (int i = 0; i < MT_N; i++) {
+        word = g->s[i];
+        memcpy(st + STATE_WORDS + 8L * i, &word, sizeof word);
+    }
+}
+
+/* rrelu's slopes for a hidden layer's pre-activations z (width, nc), into factor (width,
+ * nc; the padding rows 0), as torch's rrelu_with_noise draws them in training from the
+ * model's generator g: element by element of the plain loop's (n, width) tensor, row after
+ * row, a slope from U(lower, upper) where z <= 0 (not NaN), else 1. A slope is
+ * uniform_real_distribution<double>: random64() (two draws, the first the high word) masked
+ * to 53 bits, times 2^-53, times (upper - lower), plus lower, in double (two roundings:
+ * never an FMA), then float. g NULL: the model is evaluated, every slope below zero is the
+ * mean, as torch's leaky_relu with (lower + upper) / 2. */
+static void rrelu_slopes(struct mt *g, const vf *z, vf *factor, int width, int n, int nc,
+                         float lower, float upper) {
+    const float *zf = (const float *)z;
+    float *f = (float *)factor;
+    const long stride = (long)nc * V;
+    const double from = lower, span = (double)upper - (double)lower;
+    const float mean = (float)(((double)lower + (double)upper) / 2);
+    for (int u = 0; u < width; u++) memset(f + u * stride + n, 0, (stride - n) * sizeof(float));
+    if (g == NULL) {
+        for (int u = 0; u < width; u++)
+            for (int r = 0; r < n; r++)
+                f[u * stride + r] = zf[u * stride + r] <= 0.0f ? mean : 1.0f;
+        return;
+    }
+    /* Without a branch on the sign (half the elements, at random: a misprediction each),
+     * except where a refill of the generator may come within the next two words. */
+    int left = g->left, next = g->next;
+    for (int r = 0; r < n; r++)
+        for (int u = 0; u < width; u++) {
+            long i = u * stride + r;
+            int below = zf[i] <= 0.0f;
+            uint64_t hi, lo;
+            if (left > 2) { /* two words without a refill (next + 1 < MT_N) */
+                hi = g->t[next], lo = g->t[next + 1];
+                next += 2 * below, left -= 2 * below;
+            } else if (below) {
+                g->left = left, g->next = next;
+                hi = mt_draw(g), lo = mt_draw(g);
+                left = g->left, next = g->next;
+            } else {
+                f[i] = 1.0f;
+                continue;
+            }
+            /* < 2^53: exact as a signed conversion (AVX2 has none for unsigned) */
+            int64_t bits = (int64_t)(((hi << 32) | lo) & ((1ULL << 53) - 1));
+            volatile double scaled = (double)bits * 0x1p-53 * span; /* rounded, as torch's */
+            float slope = (float)(scaled + from);
+            f[i] = below ? slope : 1.0f;
+        }
+    g->left = left, g->next = next;
+}
+
+/* rrelu_slopes for an (n, width) tensor z, row after row as torch holds it, into out (n,
+ * width), from the generator whose torch state is state (advanced in place; NULL: the mean
+ * slope): what widedeep.fused checks the step's draws against torch's with. Returns 0, or
+ * -1 when scratch memory could not be allocated. */
+int widedeep_rrelu_slopes(uint8_t *state, const float *z, int width, int n, float lower,
+                          float upper, float *out) {
+    int nc = (n + V - 1) / V;
+    vf *zv = aligned_alloc(64, 2 * (size_t)width * nc * sizeof(vf));
+    struct mt *g = malloc(sizeof *g);
+    if (zv == NULL || g == NULL) {
+        free(zv), free(g);
+        return -1;
+    }
+    float *zf = (float *)zv, *f = (float *)(zv + (long)width * nc);
+    for (int u = 0; u < width; u++)
+        for (int r = 0; r < nc * V; r++)
+            zf[(long)u * nc * V + r] = r < n ? z[(long)r * width + u] : 0.0f;
+    if (state != NULL) mt_load(g, state);
+    rrelu_slopes(state != NULL ? g : NULL, zv, zv + (long)width * nc, width, n, nc, lower, upper);
+    if (state != NULL) mt_save(g, state);
+    for (int r = 0; r < n; r++)
+        for (int u = 0; u < width; u++) out[(long)r * width + u] = f[(long)u * nc * V + r];
+    free(zv), free(g);
+    return 0;
+}
+
 /* One call's arguments (see widedeep_mlp_step below), shared by the threads it starts. */
 struct step {
     int d, n, depth, n_out, act;
@@ -967,6 +1121,7 @@ struct step {
     long P;
     const long *w_off, *b_off, *s_off, *ln_off;
     const float *X, *noise, *shift;
+    uint8_t *const *rr_states;
     int x_per_model, y_per_model, wide;
     long wide_w, wide_b;
     const int64_t *y;
@@ -979,6 +1134,10 @@ static int step_models(const struct step *s, int k0, int k1) {
     const int *widths = s->widths, *res = s->res;
     const float *act_params = s->act_params, *flat = s->flat, *X = s->X;
     const float *noise = s->noise, *shift = s->shift;
+    /* rrelu (act is ACT_NONE, act_params its lower and upper bounds): its slopes, drawn here
+     * from each model's generator state, multiply the layer's output as dropout's factors do */
+    uint8_t *const *rr_states = s->rr_states;
+    const int factored = noise != NULL || rr_states != NULL;
     const long P = s->P, *w_off = s->w_off, *b_off = s->b_off, *s_off = s->s_off;
     const long *ln_off = s->ln_off; /* layer norm's gamma and beta of layer l: 2 l, 2 l + 1 */
     const int x_per_model = s->x_per_model, y_per_model = s->y_per_model, wide = s->wide;
@@ -996,14 +1155,18 @@ static int step_models(const struct step *s, int k0, int k1) {
         hidden += widths[l];
         if (widths[l] > maxw) maxw = widths[l];
     }
-    long dropped = noise != NULL ? hidden : 0; /* rows of dropout's factors */
+    long dropped = factored ? hidden : 0; /* rows of dropout's factors or rrelu's slopes */
     long normed = ln_off != NULL ? hidden + depth : 0; /* layer norm's xhat and rstd rows */
     int tw = dw > maxw ? dw : maxw; /* rows of T, dense_grad's scratch */
     long floats = ((long)(dw > d ? dw : d) + 2 * hidden + dropped + normed + n_out + 4L * maxw
                    + tw + 1) * nc * V;
     size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     vf *buf = aligned_alloc(64, bytes + 2 * (size_t)nc * sizeof(vi));
-    if (buf == NULL) return -1;
+    struct mt *gen = rr_states != NULL ? malloc(sizeof *gen) : NULL;
+    if (buf == NULL || (rr_states != NULL && gen == NULL)) {
+        free(buf), free(gen);
+        return -1;
+    }
 #if defined(__SSE__)
     /* Flush denormals to zero while the step runs (restored on return): exp(-z^2) and the
      * like reach them for |z| beyond ~9, and each costs a microcode assist of ~100 cycles.
@@ -1049,6 +1212,8 @@ static int step_models(const struct step *s, int k0, int k1) {
         const vf *h = h0;
         int in = d;
         vf *a = acts;
+        struct mt *draws = NULL; /* rrelu: this model's generator (NULL: evaluated) */
+        if (rr_states != NULL && rr_states[k] != NULL) mt_load(draws = gen, rr_states[k]);
         for (int l = 0; l < depth; l++) {
             vf *z = pre + (a - acts);
             long count = (long)widths[l] * nc;
@@ -1063,8 +1228,12 @@ static int step_models(const struct step *s, int k0, int k1) {
                 dense(p + w_off[l], p + b_off[l], h, in, widths[l], nc, act, params, a, z);
             }
             int shortcut = res != NULL && res[l];
-            if ((shortcut || noise != NULL) && !NEEDS_Z(act)) memcpy(z, a, count * sizeof(vf));
-            if (noise != NULL) { /* a * factor (+ shift, alpha dropout), as torch */
+            if ((shortcut || factored) && !NEEDS_Z(act)) memcpy(z, a, count * sizeof(vf));
+            if (rr_states != NULL) { /* rrelu: z times its slopes, as torch */
+                vf *slopes = drop + (a - acts);
+                rrelu_slopes(draws, a, slopes, widths[l], n, nc, act_params[0], act_params[1]);
+                for (long i = 0; i < count; i++) a[i] = a[i] * slopes[i];
+            } else if (noise != NULL) { /* a * factor (+ shift, alpha dropout), as torch */
                 long first = ((long)k * hidden + (a - acts) / nc) * n; /* unit's row */
                 vf *factor = drop + (a - acts);
                 load_rows(factor, noise + first, widths[l], n, nc);
@@ -1078,6 +1247,7 @@ static int step_models(const struct step *s, int k0, int k1) {
             if (shortcut) add_shortcut(a, h, count);
             h = a, in = widths[l], a += count;
         }
+        if (draws != NULL) mt_save(draws, rr_states[k]);
         dense(p + w_off[depth], p + b_off[depth], h, in, n_out, nc, ACT_NONE, act_params, out,
               NULL);
         if (wide) { /* Wide & Deep: the wide part's logits, plus the deep part's */
@@ -1106,17 +1276,17 @@ static int step_models(const struct step *s, int k0, int k1) {
             int keep = res != NULL && res[l - 1];               /* G_{l-1} will */
             const vf *z = pre + (below - acts);
             /* its activation's output */
-            const vf *a_out = (keep || noise != NULL) && !NEEDS_Z(act) ? z : below;
+            const vf *a_out = (keep || factored) && !NEEDS_Z(act) ? z : below;
             const float *params = layer_params(act_params, s_off, p, l - 1, lp);
             float *slope_grad = s_off ? gk + s_off[l - 1] : NULL;
-            if (!shortcut && !keep && noise == NULL) {
+            if (!shortcut && !keep && !factored) {
                 back_through(p + w_off[l], gz, a_out, z, act, params, real, slope_grad, in_l, w,
                              nc, g_below);
             } else {
                 dense_back(p + w_off[l], gz, a_out, z, ACT_NONE, params, in_l, w, nc, G_new);
                 if (shortcut) add_shortcut(G_new, G, (long)in_l * nc);
-                act_back_pass(act, params, G_new, noise ? drop + (below - acts) : NULL, a_out, z,
-                              real, slope_grad, in_l, nc, g_below);
+                act_back_pass(act, params, G_new, factored ? drop + (below - acts) : NULL,
+                              a_out, z, real, slope_grad, in_l, nc, g_below);
                 vf *t = G; G = G_new; G_new = t;
             }
             vf *t = gz; gz = g_below; g_below = t;
@@ -1129,7 +1299,7 @@ static int step_models(const struct step *s, int k0, int k1) {
 #if defined(__AVX512F__)
     _mm_sfence(); /* streaming stores ordered before the buffer goes back to malloc */
 #endif
-    free(buf);
+    free(buf), free(gen);
     return 0;
 }
 
@@ -1160,7 +1330,10 @@ int widedeep_lanes(void) { return V; }
  * Wide & Deep model's wide part (weight at wide_w, bias at wide_b) adds its logits, on the
  * features, 2 on the features and their products two by two; 0: none. Where noise is not
  * NULL, dropout follows each hidden activation: its output times noise, plus shift (alpha
- * dropout; else NULL), both (K, hidden units, n), drawn by the caller. Where ln_off is not
+ * dropout; else NULL), both (K, hidden units, n), drawn by the caller. Where rr_states is
+ * not NULL, the activation is rrelu (act is ACT_NONE, act_params its lower and upper bounds)
+ * and model k draws its slopes from the generator whose torch state rr_states[k] holds,
+ * advanced in place (NULL: evaluated, the mean slope); not with noise. Where ln_off is not
  * NULL, layer norm (gamma at ln_off[2 l], beta at ln_off[2 l + 1]) comes between each hidden
  * layer's product and its activation. X is (d, n),
  * shared, or (K, d, n) when x_per_model; y is (n) or (K, n) int64 class labels. Returns 0,
@@ -1176,13 +1349,13 @@ int widedeep_mlp_step(int threads, int K, int d, int n, int depth, const int *wi
                       const float *X, int x_per_model, const int64_t *y, int y_per_model,
                       const long *s_off, const int *res, int wide, long wide_w, long wide_b,
                       const float *noise, const float *shift, const long *ln_off,
-                      float *loss, float *grad) {
+                      uint8_t *const *rr_states, float *loss, float *grad) {
     struct step s = {.d = d, .n = n, .depth = depth, .n_out = n_out, .act = act,
                      .widths = widths, .res = res, .act_params = act_params, .flat = flat, .P = P,
                      .w_off = w_off, .b_off = b_off, .s_off = s_off, .X = X,
                      .x_per_model = x_per_model, .y_per_model = y_per_model, .y = y,
                      .wide = wide, .wide_w = wide_w, .wide_b = wide_b, .noise = noise,
-                     .shift = shift, .ln_off = ln_off,
+                     .shift = shift, .ln_off = ln_off, .rr_states = rr_states,
                      .loss = loss, .grad = grad};
     if (threads > K) threads = K;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -1254,69 +1427,19 @@ void widedeep_opt_step(int kind, int K, long P, float *flat, const float *grad, 
 }
 
 /* Dropout's masks as torch draws them (widedeep.batched.dropout_masks), straight from the
- * state of each model's CPU generator, advanced in place: torch.Generator.get_state()'s
- * bytes, an mt19937 whose 624 words are stored as uint64s from byte 24, with its count of
- * draws left at byte 8 (int) and its next index at byte 16 (uint64); widedeep.fused checks
- * this layout against torch before it uses it. torch's bernoulli_(keep) on a float tensor
- * takes, for each element in memory order, a double from random64() (two draws, the first
- * the high word) masked to 53 bits, times 2^-53, and keeps the element where that is below
- * keep: ~10 ns an element on the dev VM, most of a dropout step's time on small nets. The
- * plain loop draws hidden layer l's mask as an (n, width) tensor, row after row; here it
- * lands in rows of units, out[(first unit of l + u) * n + r], for the step above: on where
- * kept, off where not (dropout's scaled 1 and 0), and for alpha dropout the shift added
- * after it, shift_on or shift_off (shift is NULL otherwise). K models, each state
- * STATE_BYTES; where states[k] is NULL, model k has no stream: factors of 1, shifts of 0.
- * Returns 0, or -1 when scratch memory could not be allocated. */
-#define MT_N 624
-#define MT_M 397
+ * state of each model's CPU generator (see mt_load), advanced in place. torch's
+ * bernoulli_(keep) on a float tensor takes, for each element in memory order, a double from
+ * random64() (two draws, the first the high word) masked to 53 bits, times 2^-53, and keeps
+ * the element where that is below keep: ~10 ns an element on the dev VM, most of a dropout
+ * step's time on small nets. The plain loop draws hidden layer l's mask as an (n, width)
+ * tensor, row after row; here it lands in rows of units, out[(first unit of l + u) * n + r],
+ * for the step above: on where kept, off where not (dropout's scaled 1 and 0), and for alpha
+ * dropout the shift added after it, shift_on or shift_off (shift is NULL otherwise). K models,
+ * each state STATE_BYTES; where states[k] is NULL, model k has no stream: factors of 1, shifts
+ * of 0. Returns 0, or -1 when scratch memory could not be allocated. */
 
-static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
-    uint32_t y = (u & 0x80000000u) | (v & 0x7fffffffu);
-    return (y >> 1) ^ ((0u - (v & 1u)) & 0x9908b0dfu); /* no table: the loops vectorise */
-}
-
-static void mt_refill(uint32_t *s) { /* the generation step of mt19937, as torch's */
-    for (int i = 0; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ mt_twist(s[i], s[i + 1]);
-    for (int i = MT_N - MT_M; i < MT_N - 1; i++)
-        s[i] = s[i + MT_M - MT_N] ^ mt_twist(s[i], s[i + 1]);
-    s[MT_N - 1] = s[MT_M - 1] ^ mt_twist(s[MT_N - 1], s[0]);
-}
-
-/* mt19937's output from a word of its state (tempering) */
-static inline uint32_t mt_temper(uint32_t y) {
-    y ^= y >> 11;
-    y ^= (y << 7) & 0x9d2c5680u;
-    y ^= (y << 15) & 0xefc60000u;
-    return y ^ (y >> 18);
-}
-
-/* The generator of one model: its state s, and t, every word of s tempered (one vectorised
- * pass per refill, instead of one word at a time); left and next as torch counts them. */
-struct mt {
-    uint32_t s[MT_N], t[MT_N];
-    int left, next;
-};
-
-static void mt_retemper(struct mt *g) {
-    for (int i = 0; i < MT_N; i++) g->t[i] = mt_temper(g->s[i]);
-}
-
-static inline uint32_t mt_draw(struct mt *g) { /* as torch's mt19937::operator() */
-    if (--g->left == 0) {
-        mt_refill(g->s);
-        mt_retemper(g);
-        g->left = MT_N;
-        g->next = 0;
-    }
-    return g->t[g->next++];
-}
-
-#define STATE_BYTES 5056 /* torch's CPUGeneratorImplStateLegacy */
 #define ROWS V
 typedef uint8_t vb __attribute__((vector_size(V)));
-#define STATE_LEFT 8
-#define STATE_NEXT 16
-#define STATE_WORDS 24
 
 int widedeep_dropout_masks(int K, uint8_t *const *states, int depth,
                             const int *widths, int n, double keep, float on, float off,
@@ -1341,17 +1464,7 @@ int widedeep_dropout_masks(int K, uint8_t *const *states, int depth,
             if (sk) memset(sk, 0, hidden * n * sizeof(float));
             continue;
         }
-        uint8_t *st = states[k];
-        int32_t left;
-        uint64_t next, word;
-        memcpy(&left, st + STATE_LEFT, sizeof left);
-        memcpy(&next, st + STATE_NEXT, sizeof next);
-        for (int i = 0; i < MT_N; i++) {
-            memcpy(&word, st + STATE_WORDS + 8L * i, sizeof word);
-            g->s[i] = (uint32_t)word;
-        }
-        mt_retemper(g);
-        g->left = left, g->next = (int)next;
+        mt_load(g, states[k]);
         long unit0 = 0;
         for (int l = 0; l < depth; l++) {
             int w = widths[l];
@@ -1395,13 +1508,7 @@ int widedeep_dropout_masks(int K, uint8_t *const *states, int depth,
             }
             unit0 += w;
         }
-        left = g->left, next = (uint64_t)g->next;
-        memcpy(st + STATE_LEFT, &left, sizeof left);
-        memcpy(st + STATE_NEXT, &next, sizeof next);
-        for (int i = 0; i < MT_N; i++) {
-            word = g->s[i];
-            memcpy(st + STATE_WORDS + 8L * i, &word, sizeof word);
-        }
+        mt_save(g, states[k]);
     }
     free(g), free(flags);
     return 0;

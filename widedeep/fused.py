@@ -35,6 +35,7 @@ from widedeep.activations import get_activation, list_activations
 from widedeep.batched import Layout, StackedActivation, dropout_masks, mask_values
 
 SOURCE = Path(__file__).with_name("_fused.c")
+RRELU = -1  # _fused.c's ACT_NONE: rrelu's slopes come with the call (widedeep_mlp_step)
 # The activation codes of _fused.c (ACT_*), and the parameters each passes to it.
 # NOTE: exact types, not isinstance: ReLU6 is a Hardtanh, and a subclass may change forward.
 _CODES: dict[type, Callable[[nn.Module], tuple[int, float, float] | None]] = {
@@ -64,6 +65,8 @@ _CODES: dict[type, Callable[[nn.Module], tuple[int, float, float] | None]] = {
     nn.Softmax: lambda m: (20, 0.0, 0.0) if m.dim in (-1, 1) else None,
     nn.Softmin: lambda m: (21, 0.0, 0.0) if m.dim in (-1, 1) else None,
     nn.LogSoftmax: lambda m: (22, 0.0, 0.0) if m.dim in (-1, 1) else None,
+    # the identity times slopes drawn in the step from each model's stream (RRELU)
+    nn.RReLU: lambda m: (RRELU, m.lower, m.upper),
 }
 
 
@@ -183,7 +186,10 @@ def _load(path: Path) -> ctypes.CDLL:
                   ptr, c_long, ptr, ptr,  # flat P w_off b_off
                   ptr, c_int, ptr, c_int,  # X per-model y per-model
                   ptr, ptr, c_int, c_long, c_long,  # s_off res wide wide_w wide_b
-                  ptr, ptr, ptr, ptr, ptr]  # noise shift ln_off loss grad
+                  ptr, ptr, ptr, ptr, ptr, ptr]  # noise shift ln_off rr_states loss grad
+    f.restype = c_int
+    f = lib.widedeep_rrelu_slopes
+    f.argtypes = [ptr, ptr, c_int, c_int, ctypes.c_float, ctypes.c_float, ptr]
     f.restype = c_int
     f = lib.widedeep_opt_step
     f.argtypes = [c_int, c_int, c_long, ptr, ptr, ptr, ptr,  # kind K P flat grad buf sq
@@ -201,6 +207,7 @@ def _load(path: Path) -> ctypes.CDLL:
 
 STATE_BYTES = 5056  # torch.Generator().get_state(): the layout _fused.c reads
 _masks_checked: dict[int, bool] = {}  # id of a loaded library: its masks are torch's
+_slopes_checked: dict[int, bool] = {}  # id of a loaded library: its rrelu slopes are torch's
 
 
 def draw_masks(lib: ctypes.CDLL, widths: list[int], n: int, p: float, alpha: bool,
@@ -272,6 +279,52 @@ def _masks_are_torchs(lib: ctypes.CDLL) -> bool:
                   and torch.equal(ours.get_state(), theirs.get_state()))
         _masks_checked[id(lib)] = ok
     return _masks_checked[id(lib)]
+
+
+def rrelu_slopes(lib: ctypes.CDLL, z: torch.Tensor, lower: float, upper: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """The slopes the compiled step gives rrelu's (n, width) pre-activations ``z`` in
+    training, drawn from ``generator`` (advanced), as torch's ``rrelu_with_noise`` draws its
+    noise; None: evaluated, the mean slope below zero."""
+    z = z.to(torch.float32).contiguous()
+    state = generator.get_state() if generator is not None else None
+    out = torch.empty_like(z)
+    code = lib.widedeep_rrelu_slopes(state.data_ptr() if state is not None else None,
+                                     z.data_ptr(), z.shape[1], z.shape[0], lower, upper,
+                                     out.data_ptr())
+    if code != 0:
+        raise MemoryError("the compiled draw could not allocate its scratch memory")
+    if generator is not None:
+        generator.set_state(state)
+    return out
+
+
+def _slopes_are_torchs(lib: ctypes.CDLL) -> bool:
+    """Whether the compiled step draws rrelu's slopes as torch's CPU ``rrelu_with_noise``
+    does and leaves torch's states, on a layer whose draws cross mt19937's refills, with
+    zeros and NaN, from a fresh and a used generator; and its evaluated slopes are
+    ``F.rrelu``'s: once per loaded library."""
+    if id(lib) not in _slopes_checked:
+        module = get_activation("rrelu").create()
+        lower, upper = module.lower, module.upper
+        z = torch.randn(37, 41, generator=torch.Generator().manual_seed(3))
+        z[0, :3] = torch.tensor([0.0, -0.0, float("nan")])
+        ok = torch.Generator().get_state().numel() == STATE_BYTES
+        for used in (0, 1001):
+            if not ok:
+                break
+            ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+            for g in (ours, theirs):
+                torch.empty(used).uniform_(generator=g)
+            noise = torch.empty_like(z)
+            torch._C._nn.rrelu_with_noise(z, noise, lower, upper, True, theirs)
+            ok = (torch.equal(rrelu_slopes(lib, z, lower, upper, ours), noise)
+                  and torch.equal(ours.get_state(), theirs.get_state()))
+        finite = z[1:]  # evaluated: z times the mean slope below zero, as torch
+        ok = ok and torch.equal(finite * rrelu_slopes(lib, finite, lower, upper, None),
+                                nn.functional.rrelu(finite, lower, upper, training=False))
+        _slopes_checked[id(lib)] = ok
+    return _slopes_checked[id(lib)]
 
 
 class OptimizerStep:
@@ -349,6 +402,7 @@ class FusedStep:
         module = get_activation(layout.activation).create()
         code, p0, p1 = _code_of(module)
         self.act, self._act_params = code, (ctypes.c_float * 2)(p0, p1)
+        self.rrelu = code == RRELU  # its slopes drawn in the call, from act's streams
         shapes, offsets = dict(zip(layout.names, layout.shapes, strict=True)), layout.offsets()
         layers = _layers(layout)
         self.depth, self.n_params = layout.depth, layout.n_params
@@ -373,14 +427,16 @@ class FusedStep:
         """A step for ``models`` stacked nets of ``layout`` on ``device`` whose activation
         (and the streams of its dropout masks) is ``act``, or None when the fused step does
         not apply (not CPU, fewer models than torch's threads, batch norm, an activation it
-        lacks, too wide) or is not available (see :func:`status`)."""
+        lacks, too wide, rrelu with dropout, whose draws interleave layer by layer) or is not
+        available (see :func:`status`; rrelu: where its draws are not torch's)."""
         widths = [shape[0] for name, shape in zip(layout.names, layout.shapes, strict=True)
                   if name.endswith("linear.weight")]
         known = {f"{n}.{p}" for n in _layers(layout) for p in ("weight", "bias")}
         known |= {*_slopes(layout), *_norms(layout)}
         known |= {"wide.weight", "wide.bias"} if layout.wide else set()
         if (device.type != "cpu" or set(layout.names) != known  # batch norm: running stats
-                or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH):
+                or layout.activation not in ACTIVATIONS or max(widths, default=0) > MAX_WIDTH
+                or (layout.activation == "rrelu" and layout.dropout)):
             return None
         # NOTE: the kernel splits the models between torch's threads (as many as the run gave
         # this stack: one for small steps, see widedeep.run.SMALL_STEP_FLOPS); a model is never
@@ -388,7 +444,9 @@ class FusedStep:
         if models < torch.get_num_threads():
             return None
         lib = library()
-        return cls(layout, lib, act) if lib is not None else None
+        if lib is None or (layout.activation == "rrelu" and not _slopes_are_torchs(lib)):
+            return None
+        return cls(layout, lib, act)
 
     def __call__(self, flat: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,6 +465,7 @@ class FusedStep:
             y = y.to(torch.int64).contiguous()
         K = flat.shape[0]
         noise, shift = self._dropout_masks(X.shape[-1])
+        states = self._rrelu_states(K)
         loss, grad = torch.empty(K), torch.empty(K, self.n_params)
         code = self.fn(torch.get_num_threads(), K, self.d, X.shape[-1], self.depth, self._widths,
                        self.n_out, self.act, self._act_params, flat.data_ptr(), self.n_params,
@@ -414,10 +473,27 @@ class FusedStep:
                        y.dim() == 2, self._s_off, self._res, self._wide, *self._wide_off,
                        noise.data_ptr() if noise is not None else None,
                        shift.data_ptr() if shift is not None else None, self._ln_off,
+                       None if states is None else (ctypes.c_void_p * K)(
+                           *[s.data_ptr() if s is not None else None for s in states]),
                        loss.data_ptr(), grad.data_ptr())
         if code != 0:
             raise MemoryError("the fused step could not allocate its scratch memory")
+        if states is not None and self.stacked_act.generators is not None:
+            # the streams go on where the call's draws left them
+            for g, state in zip(self.stacked_act.generators, states, strict=True):
+                if g is not None:
+                    g.set_state(state)
         return loss, grad
+
+    def _rrelu_states(self, K: int) -> list[torch.Tensor | None] | None:
+        """rrelu: each model's stream's state, for the call to draw its slopes from (None
+        where the model is evaluated: no streams, or None for it); None for the others."""
+        if not self.rrelu:
+            return None
+        generators = self.stacked_act.generators
+        if generators is None:
+            return [None] * K
+        return [g.get_state() if g is not None else None for g in generators]
 
     def _dropout_masks(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Dropout's factors and (alpha dropout) shifts of every hidden layer, (K, hidden
