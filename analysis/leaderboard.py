@@ -19,6 +19,7 @@ from analysis import plots
 from analysis.context import Context
 from analysis.tables import mean_pm_std
 from widedeep.search import paired_with_baseline
+from widedeep.sweep_store import Store
 
 DONE_ATTR = "widedeep:report-search-done"
 OPTION_COLUMNS = ["arch", "activation", "depth", "width", "init", "norm", "residual",
@@ -39,11 +40,12 @@ def study_name(ctx: Context) -> str:
 
 
 def _finished(name: str, storage: str) -> bool:
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:  # no such study yet
-        return False
-    return bool(study.user_attrs.get(DONE_ATTR))
+    with Store(storage) as store:  # closed: its pooled connections too
+        try:
+            study = optuna.load_study(study_name=name, storage=store.optuna)
+        except KeyError:  # no such study yet
+            return False
+        return bool(study.user_attrs.get(DONE_ATTR))
 
 
 def start(ctx: Context) -> None:
@@ -83,13 +85,14 @@ def search(ctx: Context) -> dict:
     if not _finished(name, ctx.storage):
         start(ctx)
         job = ctx.cache.pop("search_job")
-        if ctx.progress and any(p.poll() is None for p in job.procs):
-            done = len(optuna.load_study(study_name=name, storage=ctx.storage).get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-            print(f"  waiting for the search: {done} of {settings(ctx)['trials']} trials "
-                  "done", flush=True)
-        job.wait()
-        optuna.load_study(study_name=name, storage=ctx.storage).set_user_attr(DONE_ATTR, True)
+        with Store(ctx.storage) as store:
+            if ctx.progress and any(p.poll() is None for p in job.procs):
+                done = len(store.study(name).get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+                print(f"  waiting for the search: {done} of {settings(ctx)['trials']} trials "
+                      "done", flush=True)
+            job.wait()
+            store.study(name).set_user_attr(DONE_ATTR, True)
     ctx.cache["search"] = search_results(name, ctx.storage, top=10_000)  # every trial
     return ctx.cache["search"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tabular import read_table
 
 from widedeep import fused, sweep
 from widedeep.cli import main
@@ -51,7 +52,7 @@ def _refuse(url, dest):
 
 
 def _table(out: Path, name: str) -> pd.DataFrame:
-    return pd.read_csv(out / "tables" / f"{name}.csv")
+    return read_table(out / "tables" / f"{name}.csv")
 
 
 def test_every_table_and_figure_is_written(report):

@@ -13,6 +13,7 @@ from widedeep.baselines import fold_digest
 from widedeep.cli import build_parser, main, options_from_args
 from widedeep.config import make_config
 from widedeep.errors import UserError
+from widedeep.sweep_store import Store
 
 pytestmark = pytest.mark.slow  # one small search (about 10 s) shared by the module
 
@@ -127,9 +128,8 @@ def test_engine_plain_trains_every_trial_on_the_plain_loop(tmp_path):
     url = f"sqlite:///{tmp_path}/s.sqlite3"
     budget = dict(dataset="iris", split="cv:2", seed=0, trials=2, max_depth=2, max_epochs=10)
     result = search.run_search(study="p", storage=url, engine="plain", **budget)
-    import optuna
-
-    trials = optuna.load_study(study_name="p", storage=url).get_trials()
+    with Store(url) as store:
+        trials = store.study("p").get_trials()
     assert result["n_trials"] == 2 and result["engine"] == "plain"
     assert {t.user_attrs["summary"]["engine"] for t in trials} == {"plain"}
 
@@ -176,7 +176,8 @@ def test_a_background_search_runs_while_the_caller_goes_on(tmp_path, capsys, mon
 
 
 def _states(url: str, name: str) -> list:
-    return [t.state for t in optuna.load_study(study_name=name, storage=url).trials]
+    with Store(url) as store:
+        return [t.state for t in store.study(name).trials]
 
 
 def test_stopping_a_background_search_fails_only_its_trial_in_flight(tmp_path, capfd):

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
-import pandas as pd
 import pytest
+from tabular import read_table
 
 from analysis.throughput import build, load, sweep_commands
 
@@ -83,7 +83,7 @@ def test_cpu_only_tables_figures_and_note(cpu_run, tmp_path):
 def test_table_numbers_equal_the_json(cpu_run, tmp_path):
     run = json.loads(cpu_run.read_text())
     out = build(results_with(tmp_path, ("cpu-quick.json", run)))
-    table = pd.read_csv(next(p for p in out["tables"] if Path(p).name == "throughput.csv"))
+    table = read_table(next(p for p in out["tables"] if Path(p).name == "throughput.csv"))
     peak = next(b for b in run["benchmarks"] if b["extra_info"]["kind"] == "peak")
     step = next(b for b in run["benchmarks"] if b["name"] == "test_step[d4-w64-bfull-cpu]")
     row = table.set_index("name").loc[step["name"]]
@@ -103,8 +103,8 @@ def test_engine_table_compares_batched_with_plain_from_one_run(cpu_run, tmp_path
         pytest.skip("the lecture benchmarks need the lecture file: set WIDEDEEP_DATA")
     run = json.loads(cpu_run.read_text())
     out = build(results_with(tmp_path, ("cpu-quick.json", run)))
-    table = pd.read_csv(next(p for p in out["tables"]
-                             if Path(p).name == "throughput_engines.csv")).set_index("name")
+    table = read_table(next(p for p in out["tables"]
+                           if Path(p).name == "throughput_engines.csv")).set_index("name")
     by_name = {b["name"]: b for b in run["benchmarks"]}
     plain = by_name["test_lecture_plain"]["stats"]["median"] * 1e6
     batched = by_name["test_lecture_batched[64-auto]"]
@@ -172,7 +172,7 @@ def test_speedup_heatmap_with_cuda_run(cpu_run, tmp_path):
     figures = {Path(p).name: Path(p) for p in out["figures"]}
     assert_png(figures["throughput_speedup.png"])
     assert not any("No CUDA" in n for n in out["notes"])
-    speedup = pd.read_csv(next(p for p in out["tables"] if Path(p).name.endswith("speedup.csv")))
+    speedup = read_table(next(p for p in out["tables"] if Path(p).name.endswith("speedup.csv")))
     assert speedup["speedup"].to_numpy() == pytest.approx(8.0)
     assert set(zip(speedup["depth"], speedup["width"], strict=True)) == {
         (1, 8), (1, 64), (4, 8), (4, 64)}
