@@ -33,6 +33,7 @@ from analysis import (
 from analysis.context import Context
 from analysis.profiles import get_profile
 from widedeep import fused, sweep
+from widedeep.cli import skip_final_collections
 from widedeep.env import environment, git_commit
 from widedeep.records import make_folder, write_json
 from widedeep.sweep_store import check_url
@@ -177,6 +178,7 @@ def _draw_apart(conn, module_name: str, profile, out: str, storage: str, env: di
         conn.send(("error", e))
     finally:
         conn.close()
+        skip_final_collections()  # the report waits for this process to end
 
 
 def build(*, profile: str = "quick", out: str | os.PathLike = "results",

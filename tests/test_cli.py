@@ -143,6 +143,25 @@ def test_top_level_help_describes_the_tool_for_its_users():
         assert command in proc.stdout
 
 
+def test_the_command_exits_without_collecting_what_it_imported():
+    # `python -m widedeep` freezes the objects alive at its end, so Python's shutdown does
+    # not walk them; main() (which the tests call) leaves the collector alone.
+    script = """import atexit, gc, runpy, sys
+from widedeep.cli import main
+main(["activations"])
+print("after main:", gc.get_freeze_count())
+atexit.register(lambda: print("at exit:", gc.get_freeze_count() > 1000))
+sys.argv = ["widedeep", "activations"]
+runpy.run_module("widedeep", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "after main: 0\n" in proc.stdout
+    assert proc.stdout.endswith("at exit: True\n")
+    assert proc.stdout.count("softsign") == 2  # both listings whole
+
+
 def test_listing_commands(capsys):
     code, out, _ = run_cli(capsys, "activations")
     assert code == 0 and "softmax" in out and "threshold" in out

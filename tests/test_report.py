@@ -314,6 +314,7 @@ def test_a_section_drawn_apart_hands_back_its_text_and_its_errors(tmp_path, monk
     assert report.Apart(9, ctx).result(ctx) == "## drawn apart\n"
     assert ctx.sweeps == [{"name": "apart", "ran_now": 0}]
     assert int((tmp_path / "drawn_by.txt").read_text()) != os.getpid()
+    assert int((tmp_path / "frozen.txt").read_text()) > 1000  # it exits without collecting
     failing = dataclasses.replace(ctx, env={"fail": True})
     drawing = report.Apart(9, failing)
     with pytest.raises(UserError, match="the section failed in its own process"):

@@ -186,6 +186,17 @@ def test_background_workers_run_several_sweeps_in_order_each_trial_once(url, dia
     assert sweep.start_sweeps(specs, storage=url, workers=2) is None  # nothing left to run
 
 
+def test_a_worker_exits_with_its_code_without_collecting_what_it_imported(tmp_path,
+                                                                         monkeypatch):
+    tests = str(Path(__file__).parent)  # where worker_probe is, for the launched process
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
+        tests, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "frozen.txt"
+    proc = sweep_worker.launch({"out": str(out), "code": 3}, module="worker_probe")
+    assert proc.wait(timeout=120) == 3
+    assert int(out.read_text()) > 1000  # skip_final_collections() froze them
+
+
 @pytest.mark.slow
 def test_a_sweep_whose_background_workers_died_is_finished_by_run_sweep(url, diabetes_dir):
     spec = sweep.spec_from_dict(lecture_file("died"))

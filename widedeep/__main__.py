@@ -1,5 +1,5 @@
 import sys
 
-from widedeep.cli import main
+from widedeep.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -7,6 +7,7 @@ A user error exits with status 2 and one ``error: ...`` line on stderr, never a 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import re
@@ -257,5 +258,26 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def skip_final_collections() -> None:
+    """Leave every object alive now out of the garbage collections Python runs as it exits.
+
+    A process that imported torch, Optuna and pandas holds hundreds of thousands of objects,
+    and its shutdown walks them all: on the 2-core dev VM that took 1.2-1.4 s at the end of
+    every command and of every worker a sweep, search or report starts (while a parent
+    waits for it). atexit handlers and the flushing of standard streams still run; objects
+    frozen here are only reclaimed by the OS, so call this once the process's work is
+    written and its files closed, just before it exits.
+    """
+    gc.freeze()
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The ``widedeep`` command: :func:`main`, then a quick exit. (Tests call :func:`main`,
+    which leaves the garbage collector alone.)"""
+    code = main(argv)
+    skip_final_collections()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -351,6 +351,7 @@ if held:
     signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
 try:
     from {module} import _worker_main
+    from widedeep.cli import skip_final_collections
     if held:
         if signal.SIGINT in signal.sigpending():
             sys.exit(130)
@@ -358,6 +359,7 @@ try:
     code = _worker_main(sys.argv[1:])
 except KeyboardInterrupt:
     code = 130
+skip_final_collections()
 sys.exit(code)
 """
 
